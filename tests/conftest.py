@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny *random* PyTorch transformers models saved as local checkpoints (the reference)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+IMAGE_TOKEN = 99  # inside the tiny vocab, as in llava-1.5-7b-hf (32000 < 32064)
+
+
+def tiny_llava_hf_config(
+    *,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy: str = "default",
+    vision_layers: int = 2,
+    rope_parameters: dict | None = None,
+    attention_bias: bool = False,
+    mlp_bias: bool = False,
+    projector_bias: bool = True,
+):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=64,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    num_patches = (28 // 7) ** 2
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=num_patches + (1 if vision_feature_select_strategy == "full" else 0),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        multimodal_projector_bias=projector_bias,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def make_torch_llava(hf_config, seed: int = 0):
+    """A random LlavaForConditionalGeneration with non-trivial norms/biases (HF inits them to 1/0)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """The default tiny LLaVA (GQA, untied, feature layer -2), saved by transformers."""
+    model = make_torch_llava(tiny_llava_hf_config())
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(path)
+    return path, model
+
+
+def llava_inputs(rng: np.random.Generator, text_lens=(6, 6), with_image=(True, True), image_tokens: int = 16,
+                 image_size: int = 28):
+    """Random left-padded prompts (vocab ids 3..98); rows with an image carry one image-token block."""
+    rows = []
+    for n, image in zip(text_lens, with_image):
+        ids = list(rng.integers(3, 98, n))
+        rows.append(ids[:2] + [IMAGE_TOKEN] * image_tokens + ids[2:] if image else ids)
+    length = max(len(r) for r in rows)
+    input_ids = np.zeros((len(rows), length), np.int64)
+    attention_mask = np.zeros((len(rows), length), np.int64)
+    for b, ids in enumerate(rows):
+        input_ids[b, length - len(ids):] = ids
+        attention_mask[b, length - len(ids):] = 1
+    pixel_values = rng.standard_normal((sum(with_image), 3, image_size, image_size)).astype(np.float32)
+    return input_ids, attention_mask, pixel_values
+
+
+def positions_like_ours(attention_mask: np.ndarray) -> np.ndarray:
+    """The position ids our models derive from a mask (cumsum - 1, clamped); torch gets them explicitly."""
+    return np.maximum(np.cumsum(attention_mask, -1) - 1, 0)

@@ -1,0 +1,107 @@
+"""The FFN hooks the unlearning methods build on: key/output capture and the functional down_proj LoRA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import llava_inputs
+
+from vleraser_jax.hf import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava_dir):
+    path, _ = tiny_llava_dir
+    model, params, config = load_pretrained(path)
+    ids, mask, pixels = llava_inputs(np.random.default_rng(20), text_lens=(4, 7), image_tokens=config.num_image_tokens)
+    return model, params, config, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
+def random_lora(config, rank=3, seed=0, zero_b=False):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * config.text.num_hidden_layers)
+    f, d = config.text.intermediate_size, config.text.hidden_size
+    tree = {}
+    for i in range(config.text.num_hidden_layers):
+        b = jnp.zeros((rank, d)) if zero_b else 0.3 * jax.random.normal(keys[2 * i + 1], (rank, d))
+        tree[f"layers_{i}"] = {"mlp": {"down_proj": {"a": 0.3 * jax.random.normal(keys[2 * i], (f, rank)), "b": b, "scale": jnp.asarray(2.0)}}}
+    return {"llm": tree}
+
+
+def random_basis(config, k=5, seed=1):
+    f = config.text.intermediate_size
+    tree = {}
+    for i in range(config.text.num_hidden_layers):
+        q, _ = np.linalg.qr(np.random.default_rng(seed + i).standard_normal((f, k)))
+        tree[f"layers_{i}"] = {"mlp": {"down_proj": {"basis": jnp.asarray(q, jnp.float32)}}}
+    return {"llm": tree}
+
+
+def with_down_kernels(params, fn):
+    new = jax.tree_util.tree_map(lambda x: x, params)
+    for name, layer in new["llm"].items():
+        if name.startswith("layers_"):
+            layer["mlp"]["down_proj"]["kernel"] = fn(name, layer["mlp"]["down_proj"]["kernel"])
+    return new
+
+
+def delta_kernel(lora, vacuum, name):
+    entry = lora["llm"][name]["mlp"]["down_proj"]
+    basis = vacuum["llm"][name]["mlp"]["down_proj"]["basis"]
+    p = jnp.eye(basis.shape[0]) - basis @ basis.T
+    return entry["scale"] * p @ entry["a"] @ entry["b"]
+
+
+def test_captures_keys_and_ffn_outputs(setup):
+    model, params, config, inputs = setup
+    out, state = model.apply({"params": params}, **inputs, mutable=["intermediates"])
+    inter = state["intermediates"]["llm"]
+    b, t = inputs["input_ids"].shape
+    for i in range(config.text.num_hidden_layers):
+        (key,), (ffn_out,) = inter[f"layers_{i}"]["mlp"]["ffn_key"], inter[f"layers_{i}"]["mlp"]["ffn_out"]
+        assert key.shape == (b, t, config.text.intermediate_size)
+        np.testing.assert_allclose(ffn_out, key @ params["llm"][f"layers_{i}"]["mlp"]["down_proj"]["kernel"], atol=1e-5)
+
+
+def test_zero_lora_is_identity(setup):
+    model, params, config, inputs = setup
+    ref = model.apply({"params": params}, **inputs).logits
+    out = model.apply({"params": params, "lora": random_lora(config, zero_b=True)}, **inputs).logits
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_added_lora_equals_merged_weights_with_vacuum_projector(setup):
+    model, params, config, inputs = setup
+    lora, vacuum = random_lora(config), random_basis(config)
+    out = model.apply({"params": params, "lora": lora, "vacuum": vacuum}, **inputs).logits
+    merged = with_down_kernels(params, lambda name, w: w + delta_kernel(lora, vacuum, name))
+    ref = model.apply({"params": merged}, **inputs).logits
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max())
+    assert np.abs(np.asarray(out) - np.asarray(model.apply({"params": params}, **inputs).logits)).max() > 1e-3
+
+
+def test_dense_projector_equals_compact_basis(setup):
+    model, params, config, inputs = setup
+    lora, vacuum = random_lora(config), random_basis(config)
+    dense = {
+        "llm": {
+            name: {"mlp": {"down_proj": {"dense": jnp.eye(u.shape[0]) - u @ u.T}}}
+            for name, entry in vacuum["llm"].items()
+            for u in [entry["mlp"]["down_proj"]["basis"]]
+        }
+    }
+    a = model.apply({"params": params, "lora": lora, "vacuum": vacuum}, **inputs).logits
+    b = model.apply({"params": params, "lora": lora, "vacuum": dense}, **inputs).logits
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(np.asarray(a)).max())
+
+
+def test_replaced_mode_uses_only_the_lora_path(setup):
+    model, params, config, inputs = setup
+    lora, vacuum = random_lora(config), random_basis(config)
+    out = model.apply({"params": params, "lora": lora, "vacuum": vacuum}, **inputs, lora_mode="replaced").logits
+    swapped = with_down_kernels(params, lambda name, w: delta_kernel(lora, vacuum, name))
+    ref = model.apply({"params": swapped}, **inputs).logits
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(np.asarray(ref)).max())
+    with pytest.raises(ValueError, match="lora_mode"):
+        model.apply({"params": params, "lora": lora}, **inputs, lora_mode="sideways")

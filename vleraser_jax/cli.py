@@ -1,0 +1,138 @@
+"""The `vleraser` command.
+
+Everything reads local paths only: the Hugging Face libraries are put in offline mode before they are
+imported, so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def _count(params) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def cmd_inspect(args) -> int:
+    from .hf import load_pretrained
+
+    model, params, config = load_pretrained(args.checkpoint)
+    print(f"checkpoint   {args.checkpoint}")
+    print(f"model_type   {config.model_type}")
+    print(f"parameters   {_count(params):,}")
+    for name, sub in params.items():
+        print(f"  {name:<10} {_count(sub):>14,}")
+    text = config.text
+    print(
+        f"decoder      {text.num_hidden_layers} layers, d_model {text.hidden_size}, d_ff {text.intermediate_size}, "
+        f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, vocab {text.vocab_size}, "
+        f"rope {text.rope_parameters}"
+    )
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .hf import load_pretrained, save_pretrained
+
+    _, params, config = load_pretrained(args.checkpoint)
+    out = save_pretrained(
+        params,
+        config,
+        args.out,
+        naming=args.naming,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        copy_files_from=args.checkpoint,
+    )
+    print(f"wrote {out} ({args.naming} tensor names)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import jax
+    from PIL import Image
+
+    from .generate import generate
+    from .hf import load_pretrained
+    from .processing import load_processor
+
+    model, params, config = load_pretrained(args.checkpoint, dtype=args.dtype, attention_impl=args.attention)
+    processor = load_processor(args.checkpoint)
+    images = [Image.open(p).convert("RGB") for p in args.image] if args.image else None
+    prompts = [processor.build_prompt(q, with_image=bool(images)) for q in args.question]
+    if images and len(images) != len(prompts):
+        raise SystemExit(f"give one --image per --question ({len(args.image)} images, {len(prompts)} questions)")
+    batch = processor(prompts, images=images, padding_side="left")
+    out = generate(
+        model,
+        params,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("pixel_values"),
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=processor.eos_token_id,
+        pad_token_id=processor.pad_token_id,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        rng=jax.random.PRNGKey(args.seed) if args.temperature > 0 else None,
+    )
+    for question, tokens in zip(args.question, out.trimmed()):
+        print(f"Q: {question}\nA: {processor.decode(tokens).strip()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="load a local HF checkpoint and summarise it")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="re-export a checkpoint (naming scheme, dtype, sharding)")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--naming", choices=["transformers", "legacy"], default="transformers")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="answer questions (optionally about images) with a local checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--question", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--image", action="append", help="one per --question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    _offline()
+    args = build_parser().parse_args(argv)
+    from .hf import CheckpointError
+    from .models.configs import ConfigError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"vleraser: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

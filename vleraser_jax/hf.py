@@ -1,0 +1,505 @@
+"""Hugging Face safetensors checkpoints <-> Flax parameter pytrees, through one name table per architecture.
+
+A table row pairs an HF tensor name template with a pytree path template and a layout transform; the same
+row serves import and export. Placeholders: `{i}` is a layer number, `{name:a|b|c}` one of the listed
+words. On-disk naming variants (e.g. LLaVA's legacy `language_model.model.*`) are folded into the
+canonical transformers-v5 names by ordered alias rewrites before the table is consulted.
+
+Safetensors only: pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can read it)
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .models.configs import ConfigError, LlavaConfig, load_hf_config
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files besides the weights that make a checkpoint directory usable (tokenizer, processors, generation).
+AUXILIARY_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or written; the message names the file and tensor."""
+
+
+class Transform(enum.Enum):
+    """How a torch tensor maps onto its Flax parameter (and back)."""
+
+    NONE = "none"
+    LINEAR = "linear"  # torch [out, in] <-> flax kernel [in, out]
+    CONV2D = "conv2d"  # torch [out, in, kh, kw] <-> flax [kh, kw, in, out]
+    CONV3D_AS_LINEAR = "conv3d_as_linear"  # torch [out, in, t, kh, kw] <-> flax [in·t·kh·kw, out]
+
+    def to_flax(self, x: np.ndarray) -> np.ndarray:
+        if self is Transform.LINEAR:
+            return x.T
+        if self is Transform.CONV2D:
+            return x.transpose(2, 3, 1, 0)
+        if self is Transform.CONV3D_AS_LINEAR:
+            return x.reshape(x.shape[0], -1).T
+        return x
+
+    def torch_shape(self, flax_shape: Sequence[int]) -> str:
+        """The on-disk shape a Flax shape corresponds to (for error messages)."""
+        s = tuple(flax_shape)
+        if self is Transform.LINEAR:
+            return str(s[::-1])
+        if self is Transform.CONV2D:
+            return str((s[3], s[2], s[0], s[1]))
+        if self is Transform.CONV3D_AS_LINEAR:
+            return f"{s[1]} x {s[0]} elements (Flax layout {s})"
+        return str(s)
+
+    def to_torch(self, x: np.ndarray, torch_shape: Sequence[int] | None = None) -> np.ndarray:
+        if self is Transform.LINEAR:
+            return x.T
+        if self is Transform.CONV2D:
+            return x.transpose(3, 2, 0, 1)
+        if self is Transform.CONV3D_AS_LINEAR:
+            return x.T.reshape(torch_shape)
+        return x
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([\w|]+))?\}")
+
+
+def _placeholder_choices(template: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in _PLACEHOLDER.finditer(template) if m.group(2)}
+
+
+def _template_regex(template: str, choices: dict[str, str]) -> re.Pattern:
+    """Compile a name template into an anchored regex with named groups (`{i}` = digits)."""
+    out, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        out.append(re.escape(template[pos : m.start()]))
+        name = m.group(1)
+        alternatives = m.group(2) or choices.get(name)
+        out.append(f"(?P<{name}>{alternatives if alternatives else r'[0-9]+'})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _fill(template: str, values: dict) -> str:
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str
+    flax: str
+    transform: Transform = Transform.NONE
+
+    def __post_init__(self):
+        choices = _placeholder_choices(self.hf)
+        object.__setattr__(self, "_hf_re", _template_regex(self.hf, choices))
+        object.__setattr__(self, "_flax_re", _template_regex(self.flax, choices))
+
+
+@dataclasses.dataclass(frozen=True)
+class NameTable:
+    """One architecture's mapping; `aliases` fold on-disk variants into the canonical HF names."""
+
+    rules: tuple[Rule, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[str, ...] = ()  # regexes of buffers that are not parameters
+    export_schemes: dict = dataclasses.field(default_factory=dict)  # scheme -> ((canonical prefix, on-disk prefix), ...)
+
+    def canonical(self, name: str) -> str:
+        for pattern, replacement in self.aliases:
+            new = re.sub(pattern, replacement, name)
+            if new != name:
+                return new
+        return name
+
+    def is_ignored(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.ignored)
+
+    def to_flax_path(self, hf_name: str) -> tuple[str, Transform] | None:
+        name = self.canonical(hf_name)
+        for rule in self.rules:
+            m = rule._hf_re.match(name)
+            if m:
+                return _fill(rule.flax, m.groupdict()), rule.transform
+        return None
+
+    def to_hf_name(self, flax_path: str, scheme: str = "transformers") -> tuple[str, Transform]:
+        for rule in self.rules:
+            m = rule._flax_re.match(flax_path)
+            if m:
+                name = _fill(rule.hf, m.groupdict())
+                for canonical_prefix, disk_prefix in self.export_schemes.get(scheme, ()):
+                    if name.startswith(canonical_prefix):
+                        name = disk_prefix + name[len(canonical_prefix) :]
+                        break
+                return name, rule.transform
+        raise CheckpointError(f"parameter {flax_path!r} has no entry in the name table; cannot export it")
+
+
+_LLAMA_PROJ = "q_proj|k_proj|v_proj|o_proj"
+_MLP_PROJ = "gate_proj|up_proj|down_proj"
+
+
+def decoder_rules(hf_prefix: str, flax_prefix: str) -> list[Rule]:
+    """Rules for a Llama/Qwen2 decoder stack (shared by LLaVA and Qwen2-VL)."""
+    lm, fl = hf_prefix, flax_prefix
+    return [
+        Rule(f"{lm}.embed_tokens.weight", f"{fl}/embed_tokens/embedding"),
+        Rule(f"{lm}.layers.{{i}}.self_attn.{{p:{_LLAMA_PROJ}}}.weight", f"{fl}/layers_{{i}}/self_attn/{{p}}/kernel", Transform.LINEAR),
+        Rule(f"{lm}.layers.{{i}}.self_attn.{{p:{_LLAMA_PROJ}}}.bias", f"{fl}/layers_{{i}}/self_attn/{{p}}/bias"),
+        Rule(f"{lm}.layers.{{i}}.mlp.{{p:{_MLP_PROJ}}}.weight", f"{fl}/layers_{{i}}/mlp/{{p}}/kernel", Transform.LINEAR),
+        Rule(f"{lm}.layers.{{i}}.mlp.{{p:{_MLP_PROJ}}}.bias", f"{fl}/layers_{{i}}/mlp/{{p}}/bias"),
+        Rule(
+            f"{lm}.layers.{{i}}.{{n:input_layernorm|post_attention_layernorm}}.weight",
+            f"{fl}/layers_{{i}}/{{n}}/scale",
+        ),
+        Rule(f"{lm}.norm.weight", f"{fl}/norm/scale"),
+        Rule("lm_head.weight", f"{fl}/lm_head/kernel", Transform.LINEAR),
+    ]
+
+
+LLAVA_TABLE = NameTable(
+    rules=tuple(
+        decoder_rules("model.language_model", "llm")
+        + [
+            Rule("model.vision_tower.embeddings.class_embedding", "vision/embeddings/class_embedding"),
+            Rule(
+                "model.vision_tower.embeddings.patch_embedding.weight",
+                "vision/embeddings/patch_embedding/kernel",
+                Transform.CONV2D,
+            ),
+            Rule(
+                "model.vision_tower.embeddings.position_embedding.weight",
+                "vision/embeddings/position_embedding/embedding",
+            ),
+            Rule("model.vision_tower.{n:pre_layrnorm|post_layernorm}.weight", "vision/{n}/scale"),
+            Rule("model.vision_tower.{n:pre_layrnorm|post_layernorm}.bias", "vision/{n}/bias"),
+            Rule(
+                "model.vision_tower.encoder.layers.{i}.self_attn.{p:q_proj|k_proj|v_proj|out_proj}.weight",
+                "vision/layers_{i}/self_attn/{p}/kernel",
+                Transform.LINEAR,
+            ),
+            Rule(
+                "model.vision_tower.encoder.layers.{i}.self_attn.{p:q_proj|k_proj|v_proj|out_proj}.bias",
+                "vision/layers_{i}/self_attn/{p}/bias",
+            ),
+            Rule("model.vision_tower.encoder.layers.{i}.{n:layer_norm1|layer_norm2}.weight", "vision/layers_{i}/{n}/scale"),
+            Rule("model.vision_tower.encoder.layers.{i}.{n:layer_norm1|layer_norm2}.bias", "vision/layers_{i}/{n}/bias"),
+            Rule(
+                "model.vision_tower.encoder.layers.{i}.mlp.{p:fc1|fc2}.weight",
+                "vision/layers_{i}/{p}/kernel",
+                Transform.LINEAR,
+            ),
+            Rule("model.vision_tower.encoder.layers.{i}.mlp.{p:fc1|fc2}.bias", "vision/layers_{i}/{p}/bias"),
+            Rule("model.multi_modal_projector.{p:linear_1|linear_2}.weight", "projector/{p}/kernel", Transform.LINEAR),
+            Rule("model.multi_modal_projector.{p:linear_1|linear_2}.bias", "projector/{p}/bias"),
+        ]
+    ),
+    # First match wins. Covers llava-1.5-7b-hf (legacy), what transformers 5 writes, and its runtime names.
+    aliases=(
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^language_model\.", "model.language_model."),
+        (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
+        (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+        (r"^vision_tower\.", "model.vision_tower."),
+        (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    ),
+    ignored=(r"embeddings\.position_ids$", r"rotary_emb\.inv_freq$"),
+    export_schemes={
+        "transformers": (),
+        # As shipped by llava-hf/llava-1.5-7b-hf (and readable by transformers 4.x).
+        "legacy": (
+            ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+            ("model.vision_tower.", "vision_tower.vision_model."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+        ),
+    },
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    config_cls: type
+    model_cls: Callable[[Any], Any]
+    table: NameTable
+
+
+def _architectures() -> dict[str, Architecture]:
+    from .models.llava import LlavaForConditionalGeneration
+
+    return {"llava": Architecture(LlavaConfig, LlavaForConditionalGeneration, LLAVA_TABLE)}
+
+
+def register_architecture(model_type: str, architecture: Architecture) -> None:
+    _EXTRA_ARCHITECTURES[model_type] = architecture
+
+
+_EXTRA_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def architecture_for(model_type: str, where: str = "config.json") -> Architecture:
+    archs = {**_architectures(), **_EXTRA_ARCHITECTURES}
+    if model_type not in archs:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not supported; supported: {sorted(archs)}")
+    return archs[model_type]
+
+
+def expected_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Flat '/'-joined parameter path -> (shape, dtype), from an abstract init (no memory is allocated)."""
+    inputs = model.dummy_inputs()
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"]
+    return {"/".join(k): (v.shape, v.dtype) for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def init_params(model, rng) -> dict:
+    """Randomly initialised parameters (for training from scratch and tests)."""
+    return model.init(rng, **model.dummy_inputs())["params"]
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return [directory / f for f in files]
+    if (directory / WEIGHTS_NAME).exists():
+        return [directory / WEIGHTS_NAME]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise CheckpointError(
+            f"{directory}: only pickled weights ({', '.join(pickled)}); this project never unpickles. Convert "
+            "them to safetensors first (e.g. transformers' save_pretrained(..., safe_serialization=True))."
+        )
+    raise CheckpointError(f"{directory}: no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME})")
+
+
+def load_config(path, **runtime):
+    """(Architecture, config) from a checkpoint directory's config.json."""
+    directory = Path(path)
+    hf_config = load_hf_config(directory / "config.json")
+    arch = architecture_for(hf_config.get("model_type"), str(directory / "config.json"))
+    try:
+        config = arch.config_cls.from_hf_config(hf_config, **runtime)
+    except ConfigError as e:
+        raise ConfigError(f"{directory / 'config.json'}: {e}") from None
+    return arch, config
+
+
+def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, attention_impl: str | None = None):
+    """Load a local Hugging Face checkpoint directory -> (model, params, config).
+
+    dtype: compute dtype name ("float32", "bfloat16"); parameters are stored as `param_dtype` (f32 master
+    weights by default). Every tensor is checked against the model's expected shapes; missing, unexpected
+    or mis-shaped tensors raise `CheckpointError` naming the tensor and file.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    runtime = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v is not None}
+    arch, config = load_config(directory, **runtime)
+    model = arch.model_cls(config)
+    expected = expected_shapes(model)
+    flat: dict[str, np.ndarray] = {}
+    unexpected: list[str] = []
+    for file in _weight_files(directory):
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for name in f.keys():
+                if arch.table.is_ignored(name):
+                    continue
+                mapped = arch.table.to_flax_path(name)
+                if mapped is None:
+                    unexpected.append(f"{name} (in {file.name})")
+                    continue
+                flax_path, transform = mapped
+                if flax_path not in expected:
+                    if flax_path.endswith("lm_head/kernel") and config.text.tie_word_embeddings:
+                        continue  # tied: the head is the embedding, a stored copy is redundant
+                    unexpected.append(f"{name} (in {file.name})")
+                    continue
+                if flax_path in flat:
+                    raise CheckpointError(f"{file}: tensor {name!r} maps to {flax_path!r}, which was already loaded")
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                value = transform.to_flax(tensor)
+                shape, _ = expected[flax_path]
+                if tuple(value.shape) != tuple(shape):
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
+                        f"({directory / 'config.json'}) implies {transform.torch_shape(shape)}"
+                    )
+                if not np.all(np.isfinite(value.astype(np.float32))):
+                    raise CheckpointError(f"{file}: tensor {name!r} contains NaN or Inf")
+                flat[flax_path] = value.astype(param_dtype)
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: {len(unexpected)} tensor(s) do not belong to a {type(model).__name__} with this "
+            f"config: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"
+        )
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        names = [arch.table.to_hf_name(p)[0] for p in missing]
+        raise CheckpointError(
+            f"{directory}: {len(missing)} tensor(s) missing from the checkpoint: "
+            f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
+        )
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    return model, params, config
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", size)
+    if not m or m.group(2).upper() not in units:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '5GB'")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def _replace_directory(tmp: Path, target: Path) -> None:
+    """Move a fully written tmp dir onto target; the previous target survives until the swap succeeds."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_pretrained(
+    params,
+    config,
+    path,
+    *,
+    naming: str = "transformers",
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+    copy_files_from=None,
+) -> Path:
+    """Write a Hugging Face checkpoint directory that transformers loads with no missing/unexpected keys.
+
+    naming: "transformers" (the names transformers 5 uses in memory) or "legacy" (llava-1.5-7b-hf's
+    `language_model.model.*`, also readable by transformers 4.x). dtype: on-disk dtype (default: as
+    stored). copy_files_from: a checkpoint dir whose tokenizer/processor files are copied alongside.
+    The directory appears atomically: a failure leaves any previous one intact and no partial output.
+    """
+    arch = architecture_for(config.model_type)
+    if naming not in arch.table.export_schemes:
+        raise ValueError(f"naming must be one of {sorted(arch.table.export_schemes)}, got {naming!r}")
+    model = arch.model_cls(config)
+    expected = expected_shapes(model)
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    missing, extra = set(expected) - set(flat), set(flat) - set(expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"params do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for flax_path, value in flat.items():
+        if tuple(value.shape) != tuple(expected[flax_path][0]):
+            raise CheckpointError(
+                f"param {flax_path!r} has shape {tuple(value.shape)}, config implies {tuple(expected[flax_path][0])}"
+            )
+        name, transform = arch.table.to_hf_name(flax_path, naming)
+        array = np.asarray(jax.device_get(value))
+        if dtype is not None:
+            array = array.astype(dtype)
+        if not np.all(np.isfinite(array.astype(np.float32))):
+            raise CheckpointError(f"refusing to export {flax_path!r} ({name}): it contains NaN or Inf")
+        tensors[name] = np.ascontiguousarray(transform.to_torch(array))
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        limit = _parse_size(max_shard_size)
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].nbytes
+            if shards[-1] and size + nbytes > limit:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensors[name]
+            size += nbytes
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
+        else:
+            weight_map = {}
+            for k, shard in enumerate(shards, 1):
+                file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata=metadata)
+                weight_map.update({name: file for name in shard})
+            total = sum(t.nbytes for t in tensors.values())
+            (tmp / INDEX_NAME).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        hf_config = config.to_hf_config()
+        if dtype is not None:
+            hf_config["dtype"] = np.dtype(dtype).name
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        if copy_files_from is not None:
+            for fname in AUXILIARY_FILES:
+                src = Path(copy_files_from) / fname
+                if src.exists():
+                    shutil.copy2(src, tmp / fname)
+        _replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,158 @@
+"""Building blocks shared by every model: norms, rotary, the attention op, the gated FFN with its hooks.
+
+Einsum axis letters used throughout:
+  B batch, T query positions, S key positions, N query heads, K key/value heads, G = N // K query heads per
+  key/value head, H head dim, D model width, F FFN width (d_ff), R LoRA rank, U retained-basis rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACT2FN = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACT2FN[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACT2FN)}") from None
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: statistics in f32, cast back to the input dtype before the weight (as transformers)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        input_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * x32.astype(input_dtype)).astype(self.dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x: [B, T, N, H]; cos/sin: [B, T, H] in transformers' rotate_half layout (no q/k permutation)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q, k, v, mask=None, *, scale: float, impl: str = "reference"):
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; mask: bool, broadcastable to [B, 1, T, S]
+    (True = attend). Returns [B, T, N, H]. Softmax runs in f32 for every backend.
+
+    impl: "reference" (plain einsums, the parity oracle), "xla" or "cudnn"
+    (`jax.nn.dot_product_attention`; "cudnn" selects the fused flash kernel on NVIDIA GPUs).
+    """
+    if impl == "reference":
+        b, t, n, h = q.shape
+        kv_heads = k.shape[2]
+        qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    if impl in ("xla", "cudnn"):
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    raise ValueError(f"unknown attention impl {impl!r}; expected 'reference', 'xla' or 'cudnn'")
+
+
+def vacuum_project(key, projector):
+    """P h for the vacuum-space projector of one block (DESIGN §4).
+
+    projector: {"basis": U [F, U]} meaning P = I - U Uᵀ (compact, for U < F/2), or {"dense": P [F, F]}.
+    """
+    if "basis" in projector:
+        basis = projector["basis"].astype(key.dtype)
+        return key - jnp.einsum("...u,fu->...f", jnp.einsum("...f,fu->...u", key, basis), basis)
+    return jnp.einsum("...f,fg->...g", key, projector["dense"].astype(key.dtype))
+
+
+def lora_down_delta(key, lora, projector=None):
+    """scale · B A P h, written row-wise as scale · ((P h) a) b with a = Aᵀ [F, R], b = Bᵀ [R, D]."""
+    if projector is not None:
+        key = vacuum_project(key, projector)
+    low = jnp.einsum("...f,fr->...r", key, lora["a"].astype(key.dtype))
+    return jnp.einsum("...r,rd->...d", low, lora["b"].astype(key.dtype)) * lora["scale"].astype(key.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU FFN y = W_down (act(W_gate x) * W_up x) with the hooks the unlearning methods need.
+
+    - sows the key h = act(W_gate x) * (W_up x) as intermediates["ffn_key"] and the frozen FFN output
+      W_down h as intermediates["ffn_out"] (only stored when `mutable=["intermediates"]`);
+    - a functional LoRA on down_proj from the "lora" collection (`{"a", "b", "scale"}` at this module's
+      path + "down_proj"), optionally behind the vacuum projector from the "vacuum" collection.
+      `lora_mode="added"` returns W_down h + ΔW h, "replaced" returns ΔW h (plus the bias if any).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    act: str = "silu"
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, lora_mode: str = "added"):
+        dense = lambda features, name: nn.Dense(
+            features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name
+        )
+        key = activation(self.act)(dense(self.intermediate_size, "gate_proj")(x)) * dense(
+            self.intermediate_size, "up_proj"
+        )(x)
+        self.sow("intermediates", "ffn_key", key)
+        out = dense(self.hidden_size, "down_proj")(key)
+        self.sow("intermediates", "ffn_out", out)
+        if not self.has_variable("lora", "down_proj"):
+            return out
+        lora = self.get_variable("lora", "down_proj")
+        projector = self.get_variable("vacuum", "down_proj") if self.has_variable("vacuum", "down_proj") else None
+        delta = lora_down_delta(key, lora, projector)
+        if lora_mode == "added":
+            return out + delta
+        if lora_mode == "replaced":
+            if self.use_bias:
+                delta = delta + self.variables["params"]["down_proj"]["bias"].astype(delta.dtype)
+            return delta
+        raise ValueError(f"lora_mode must be 'added' or 'replaced', got {lora_mode!r}")
+
+
+def causal_mask(query_slots, num_slots: int, attention_mask=None):
+    """Boolean [B|1, 1, T, S]: key slot s is visible from query slot t iff s <= t and s is not padding."""
+    key_slots = jnp.arange(num_slots)
+    mask = key_slots[None, None, None, :] <= query_slots[..., None]
+    mask = mask.reshape(1, 1, query_slots.shape[-1], num_slots)
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def positions_from_mask(attention_mask):
+    """Position ids that skip left padding: cumsum(mask) - 1, clamped at 0 (as transformers' generate)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
