@@ -117,3 +117,32 @@ def llava_inputs(rng: np.random.Generator, text_lens=(6, 6), with_image=(True, T
 def positions_like_ours(attention_mask: np.ndarray) -> np.ndarray:
     """The position ids our models derive from a mask (cumsum - 1, clamped); torch gets them explicitly."""
     return np.maximum(np.cumsum(attention_mask, -1) - 1, 0)
+
+
+CORPUS = [
+    "USER: <image>\nWho is this person?\nASSISTANT: This is Mara Quill, a painter born in Oslo.",
+    "USER: What does Tomas Reyd do?\nASSISTANT: Tomas Reyd is a marine biologist.",
+    "The portrait shows a woman with red hair and round glasses.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint(tmp_path_factory):
+    """A complete tiny LLaVA directory: random weights, a trained tokenizer, an image processor, an image."""
+    from PIL import Image
+
+    from vleraser_jax.processing import train_tokenizer, write_image_processor_config
+
+    path = tmp_path_factory.mktemp("full_ckpt")
+    tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    hf_config = tiny_llava_hf_config()
+    hf_config.text_config.vocab_size = len(tokenizer)
+    hf_config.image_token_index = image_id
+    hf_config.text_config.eos_token_id = tokenizer.eos_token_id
+    hf_config.text_config.pad_token_id = tokenizer.pad_token_id
+    make_torch_llava(hf_config).save_pretrained(path)
+    write_image_processor_config(path, image_size=28)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    image.save(path / "face.png")
+    return path

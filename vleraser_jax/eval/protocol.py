@@ -1,0 +1,124 @@
+"""MLLMU-Bench prompts, string for string as its eval.py builds them for LLaVA.
+
+Each task has an instruction (the user's text) and, for LLaVA, eval.py's exact turn markers — including
+its quirks, kept on purpose so numbers are comparable: textual classification/cloze turns start
+"USER:\\n" but textual generation "USER: "; visual generation ends "ASSISTANT: " (trailing space); the
+textual generation instruction lacks "accurately"; cloze exemplars write "USER:<image>" with no space.
+Chat-template models (Qwen2-VL) get the same instruction through their processor's `build_prompt`.
+
+A `Prompt` carries its text and the images its `<image>` markers stand for, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from ..data.mllmu import MultipleChoice, OpenItem
+
+CLASSIFICATION_INSTRUCTION = "Just give ONE letter representing the answer directly."
+CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should replace the [Blank]."
+GENERATION_INSTRUCTION = {
+    "visual": "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH.",
+    "textual": "Answer the question based on your trained knowledge in one sentence in ENGLISH.",
+}
+MAX_NEW_TOKENS = 50  # eval.py generates at most 50 tokens for every task
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    text: str
+    images: tuple[bytes, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Exemplar:
+    """A solved item shown before the question (few-shot), with its image for visual items."""
+
+    item: MultipleChoice | OpenItem
+    image: bytes | None = None
+
+
+def options_block(options: dict[str, str]) -> str:
+    return "\n".join(f"{key}: {value}" for key, value in options.items())
+
+
+def cloze_question(question: str) -> str:
+    return question.replace("__", "[Blank]") + "\n" + CLOZE_INSTRUCTION
+
+
+def classification_instruction(item: MultipleChoice) -> str:
+    return f"{item.question}\n{options_block(item.options)}\n{CLASSIFICATION_INSTRUCTION}"
+
+
+def _classification_exemplar(ex: Exemplar, mode: str) -> str:
+    item = ex.item
+    opts = "".join(f"{letter}: {item.options[letter]}\n" for letter in ("A", "B", "C", "D"))
+    head = "USER: <image>\n" if mode == "visual" else "USER:\n"
+    return f"{head}Question: {item.question}\n{opts}Correct Answer: {item.answer}\n"
+
+
+def _cloze_exemplar(ex: Exemplar, mode: str) -> str:
+    head = "USER:<image>\n" if mode == "visual" else "USER:\n"
+    return f"{head}{cloze_question(ex.item.question)}\nCorrect Answer: {ex.item.ground_truth}\n"
+
+
+def _exemplar_images(exemplars: Sequence[Exemplar], mode: str) -> tuple[bytes, ...]:
+    return tuple(ex.image for ex in exemplars if mode == "visual" and ex.image is not None)
+
+
+def llava_classification(item: MultipleChoice, mode: str, image: bytes | None, exemplars: Sequence[Exemplar] = ()) -> Prompt:
+    shots = "".join(_classification_exemplar(ex, mode) for ex in exemplars)
+    if mode == "visual":
+        return Prompt(f"{shots}USER: <image>\n{classification_instruction(item)}\nASSISTANT:", _exemplar_images(exemplars, mode) + (image,))
+    return Prompt(f"{shots}USER:\n{classification_instruction(item)}\nASSISTANT:")
+
+
+def llava_cloze(item: OpenItem, image: bytes | None, exemplars: Sequence[Exemplar] = ()) -> Prompt:
+    mode = item.mode
+    shots = "".join(_cloze_exemplar(ex, mode) for ex in exemplars)
+    if mode == "visual":
+        return Prompt(f"{shots}USER: <image>\n{cloze_question(item.question)}\nASSISTANT:", _exemplar_images(exemplars, mode) + (image,))
+    return Prompt(f"{shots}USER:\n{cloze_question(item.question)}\nASSISTANT:")
+
+
+def llava_generation(item: OpenItem, image: bytes | None) -> Prompt:
+    instruction = f"{item.question}\n{GENERATION_INSTRUCTION[item.mode]}"
+    if item.mode == "visual":
+        return Prompt(f"USER: <image>\n{instruction}\nASSISTANT: ", (image,))
+    return Prompt(f"USER: {instruction}\nASSISTANT:")
+
+
+class Prompter:
+    """Builds the protocol's prompts for one model family.
+
+    family "llava": eval.py's literal strings, zero- or few-shot. Any other family needs
+    `chat(user_text, with_image)`, its processor's chat-template formatter, and is evaluated zero-shot
+    (eval.py defines few-shot turns only in LLaVA's plain-text format).
+    """
+
+    def __init__(self, family: str = "llava", chat: Callable[[str, bool], str] | None = None):
+        if family != "llava" and chat is None:
+            raise ValueError(f"model family {family!r} needs a chat formatter (its processor's build_prompt)")
+        self.family, self.chat = family, chat
+
+    def classification(self, item: MultipleChoice, mode: str, image=None, exemplars=()) -> Prompt:
+        if self.family == "llava":
+            return llava_classification(item, mode, image, exemplars)
+        return self._chat(classification_instruction(item), mode, image, exemplars)
+
+    def cloze(self, item: OpenItem, image=None, exemplars=()) -> Prompt:
+        if self.family == "llava":
+            return llava_cloze(item, image, exemplars)
+        return self._chat(cloze_question(item.question), item.mode, image, exemplars)
+
+    def generation(self, item: OpenItem, image=None) -> Prompt:
+        if self.family == "llava":
+            return llava_generation(item, image)
+        return self._chat(f"{item.question}\n{GENERATION_INSTRUCTION[item.mode]}", item.mode, image, ())
+
+    def _chat(self, user_text: str, mode: str, image, exemplars) -> Prompt:
+        if exemplars:
+            raise ValueError(f"few-shot prompts are defined for LLaVA only; evaluate {self.family} zero-shot")
+        visual = mode == "visual"
+        return Prompt(self.chat(user_text, visual), (image,) if visual else ())
