@@ -91,6 +91,47 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .data.mllmu import load_benchmark
+    from .eval.evaluate import EvalConfig, evaluate
+    from .eval.protocol import Prompter
+    from .eval.report import markdown_table, write_report
+    from .hf import load_pretrained
+    from .processing import load_processor
+
+    cfg = EvalConfig(
+        sets=tuple(args.sets),
+        modes=tuple(args.modes),
+        few_shot_people=args.few_shot,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        letter_rule=args.letter_rule,
+        loglik=not args.no_loglik,
+        max_people=args.max_people,
+        seed=args.seed,
+    )
+    print(f"loading model from {args.checkpoint}")
+    model, params, config = load_pretrained(args.checkpoint, dtype=args.dtype, attention_impl=args.attention)
+    processor = load_processor(args.checkpoint)
+    prompter = Prompter("llava") if config.model_type == "llava" else Prompter(config.model_type, processor.build_prompt)
+    print(f"loading benchmark from {args.data} (forget {args.forget_ratio}%)")
+    bench = load_benchmark(args.data, forget_ratio=args.forget_ratio)
+    result = evaluate(model, params, processor, bench, cfg, prompter)
+    method = args.method or f"model:{args.checkpoint}"
+    meta = {"data": str(args.data), "forget_ratio": args.forget_ratio, "few_shot_people": args.few_shot,
+            "letter_rule": args.letter_rule}
+    files = write_report(args.out, method, result.results, meta)
+    predictions = files["results"].parent / f"predictions_{method.replace('/', '_').replace(':', '_')}.jsonl"
+    predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
+    print(f"evaluated {result.num_prompts} prompts in {result.seconds:.1f} s")
+    for mode in cfg.modes:
+        print(f"\n{mode}:\n" + markdown_table({method: result.results}, mode))
+    print(f"\nreport: {files['markdown']}  results: {files['results']}  predictions: {predictions}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
     p.set_defaults(func=cmd_generate)
+
+    from .data.mllmu import EVAL_SETS, MODES
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on MLLMU-Bench (or the synthetic benchmark)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="local MLLMU-Bench-layout directory")
+    p.add_argument("--out", required=True, help="report directory (results.json, report.md, plots)")
+    p.add_argument("--method", help="row name in the report (default: the checkpoint path)")
+    p.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
+    p.add_argument("--sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--few-shot", type=int, default=0, help="exemplar people per set (MLLMU's eval.py: 2)")
+    p.add_argument("--max-people", type=int, help="evaluate a seeded subsample of each set")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--letter-rule", choices=["first_alnum", "first_char"], default="first_alnum")
+    p.add_argument("--no-loglik", action="store_true", help="skip the extra log-likelihood classification metric")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

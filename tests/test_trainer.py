@@ -1,0 +1,134 @@
+"""The shared trainer: determinism, exact resume, accumulation, regex partitioning, divergence, CE."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import llava_inputs
+
+from vleraser_jax.hf import load_pretrained
+from vleraser_jax.unlearn import trainer as tr
+
+
+def regression_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    w_true = rng.standard_normal((5, 3)).astype(np.float32)
+    x = rng.standard_normal((64, 5)).astype(np.float32)
+    y = x @ w_true
+
+    def batch_fn(step):  # a pure function of the step, as the trainer requires
+        idx = np.random.default_rng([seed, step]).choice(64, size=8, replace=False)
+        return {"x": x[idx], "y": y[idx]}
+
+    def loss_fn(frozen, trainable, batch, rng):
+        pred = batch["x"] @ trainable["w"] * frozen["scale"] + trainable["b"]
+        return jnp.mean((pred - batch["y"]) ** 2), {"mae": jnp.mean(jnp.abs(pred - batch["y"]))}
+
+    trainable = {"w": jnp.zeros((5, 3)), "b": jnp.zeros((3,))}
+    return loss_fn, trainable, {"scale": jnp.asarray(1.0)}, batch_fn
+
+
+CFG = tr.TrainConfig(total_steps=40, learning_rate=0.3, warmup_steps=4, log_every=5, progress=False)
+
+
+def test_loss_decreases_and_runs_are_deterministic():
+    loss_fn, trainable, frozen, batch_fn = regression_problem()
+    a = tr.train(loss_fn, trainable, frozen, batch_fn, CFG)
+    b = tr.train(loss_fn, trainable, frozen, batch_fn, CFG)
+    assert a.history[-1]["loss"] < 0.1 * a.history[0]["loss"]
+    assert [h["step"] for h in a.history] == list(range(5, 41, 5))
+    for k in a.trainable:
+        np.testing.assert_array_equal(a.trainable[k], b.trainable[k])
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    loss_fn, trainable, frozen, batch_fn = regression_problem()
+    reference = tr.train(loss_fn, trainable, frozen, batch_fn, CFG)
+    cfg = dataclasses.replace(CFG, checkpoint_dir=str(tmp_path / "ckpt"), save_every=10, grad_accum_steps=1)
+    first = tr.train(loss_fn, trainable, frozen, batch_fn, cfg, stop_after=17)  # "killed" after step 17
+    assert first.resumed_from is None
+    second = tr.train(loss_fn, trainable, frozen, batch_fn, cfg)
+    assert second.resumed_from == 17
+    for k in reference.trainable:
+        np.testing.assert_array_equal(second.trainable[k], reference.trainable[k])
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    loss_fn, trainable, frozen, _ = regression_problem()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 5)).astype(np.float32)
+    y = rng.standard_normal((8, 3)).astype(np.float32)
+    halves = lambda step: {"x": x[4 * (step % 2): 4 * (step % 2) + 4], "y": y[4 * (step % 2): 4 * (step % 2) + 4]}
+    whole = lambda step: {"x": x, "y": y}
+    cfg = dataclasses.replace(CFG, total_steps=2, warmup_steps=0, schedule="constant", max_grad_norm=None)
+    accumulated = tr.train(loss_fn, trainable, frozen, halves, dataclasses.replace(cfg, grad_accum_steps=2))
+    single = tr.train(loss_fn, trainable, frozen, whole, dataclasses.replace(cfg, total_steps=1))
+    for k in single.trainable:
+        np.testing.assert_allclose(accumulated.trainable[k], single.trainable[k], atol=1e-6)
+        assert np.abs(np.asarray(single.trainable[k])).max() > 0
+
+
+def test_partition_by_regex_roundtrip():
+    params = {"llm": {"layers_0": {"mlp": {"w": 1}, "attn": {"w": 2}}}, "projector": {"w": 3}}
+    train, frozen = tr.partition(params, r"projector|/mlp/")
+    assert train == {"llm": {"layers_0": {"mlp": {"w": 1}}}, "projector": {"w": 3}}
+    assert frozen == {"llm": {"layers_0": {"attn": {"w": 2}}}}
+    assert tr.merge(train, frozen) == params
+    with pytest.raises(ValueError, match="matches no parameter"):
+        tr.partition(params, "nothing_here")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    loss_fn, trainable, frozen, batch_fn = regression_problem()
+
+    def poisoned(step):
+        batch = batch_fn(step)
+        if step >= 12:
+            batch = {"x": batch["x"] * np.nan, "y": batch["y"]}
+        return batch
+
+    cfg = dataclasses.replace(CFG, checkpoint_dir=str(tmp_path / "ckpt"), save_every=10)
+    with pytest.raises(tr.TrainingDiverged, match=r"step 15: non-finite .*loss.*last good checkpoint"):
+        tr.train(loss_fn, trainable, frozen, poisoned, cfg)
+    resumed = tr.train(loss_fn, trainable, frozen, batch_fn, dataclasses.replace(cfg, total_steps=10))
+    assert resumed.resumed_from == 10 and np.isfinite(np.asarray(resumed.trainable["w"])).all()
+
+
+def test_causal_lm_loss_equals_torch_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 7, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (3, 7))
+    labels[:, :3] = tr.IGNORE_INDEX
+    labels[2, :] = tr.IGNORE_INDEX  # a row with nothing to learn
+    ours = float(tr.causal_lm_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits[:, :-1]).reshape(-1, 11), torch.tensor(labels[:, 1:]).reshape(-1), ignore_index=-100
+    )
+    assert ours == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_trains_only_the_selected_subtree_of_a_real_model(tiny_llava_dir):
+    path, _ = tiny_llava_dir
+    model, params, config = load_pretrained(path)
+    ids, mask, pixels = llava_inputs(np.random.default_rng(0), image_tokens=config.num_image_tokens)
+    labels = np.where(mask == 1, ids, tr.IGNORE_INDEX)
+    labels[ids == config.image_token_index] = tr.IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+    trainable, frozen = tr.partition(params, r"^projector/")
+
+    def loss_fn(frozen, trainable, batch, rng):
+        logits = model.apply({"params": tr.merge(trainable, frozen)}, input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+        return tr.causal_lm_loss(logits, batch["labels"]), {}
+
+    cfg = dataclasses.replace(CFG, total_steps=8, learning_rate=3e-3, log_every=1)
+    result = tr.train(loss_fn, trainable, frozen, lambda step: batch, cfg)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert set(result.trainable) == {"projector"}
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), result.trainable, trainable)
+    assert min(jax.tree_util.tree_leaves(moved)) > 0

@@ -1,0 +1,1 @@
+"""Unlearning: the shared trainer, VL-Eraser (LoRA, vacuum projector, distillation, deletion), baselines."""

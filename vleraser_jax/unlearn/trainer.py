@@ -1,0 +1,278 @@
+"""The one training loop every stage and method uses.
+
+A method supplies `loss_fn(frozen, trainable, batch, rng) -> (loss, aux)`: `trainable` is the pytree the
+optimizer updates (a parameter subset, a LoRA tree, ...), `frozen` everything else it needs. The
+trainer owns the optimizer (optax AdamW, warmup + decay, global-norm clipping, gradient accumulation
+with `optax.MultiSteps`), the jitted step (state donated), orbax checkpoints with exact resume, a
+progress bar, a JSONL metric log, and the refusal to go on after a non-finite loss or gradient.
+
+Batches come from `batch_fn(step) -> batch`, a pure function of the step, so a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being finite; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant", after a linear warmup
+    warmup_steps: int = 0
+    end_lr_factor: float = 0.0  # final lr = learning_rate * end_lr_factor
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1  # optimizer updates every k micro-batches (total_steps counts micro-batches)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_dir: str | None = None
+    save_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
+    keep_checkpoints: int = 2
+    log_path: str | None = None  # JSONL metrics
+    progress: bool = True
+    description: str = "training"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# ------------------------------------------------------------------ parameter selection by regex
+
+
+def flat_paths(tree) -> dict[str, Any]:
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def partition(params, trainable_regex: str) -> tuple[dict, dict]:
+    """Split a parameter tree into (trainable, frozen) by a regex searched in '/'-joined paths."""
+    pattern = re.compile(trainable_regex)
+    flat = traverse_util.flatten_dict(params)
+    train = {k: v for k, v in flat.items() if pattern.search("/".join(k))}
+    if not train:
+        raise ValueError(f"trainable pattern {trainable_regex!r} matches no parameter")
+    frozen = {k: v for k, v in flat.items() if k not in train}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+    """Inverse of `partition`."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------ losses shared by every method
+
+
+def token_nll(logits, labels):
+    """Per-sequence summed next-token NLL and token counts. labels align with inputs (shifted here);
+    IGNORE_INDEX positions do not count. Returns (nll_sum [B], count [B]) in f32."""
+    targets = labels[:, 1:]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    valid = targets != IGNORE_INDEX
+    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return -(picked * valid).sum(-1), valid.sum(-1).astype(jnp.float32)
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy over all answer tokens of the batch."""
+    nll, count = token_nll(logits, labels)
+    return nll.sum() / jnp.maximum(count.sum(), 1.0)
+
+
+# ------------------------------------------------------------------ optimizer
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    updates = max(cfg.total_steps // cfg.grad_accum_steps, 1)
+    warmup = min(cfg.warmup_steps // cfg.grad_accum_steps, updates)
+    end = cfg.learning_rate * cfg.end_lr_factor
+    decay_steps = max(updates - warmup, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_factor)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+    elif cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.learning_rate)
+    else:
+        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {cfg.schedule!r}")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+
+
+def _decay_mask(tree):
+    """Weight decay on matrices only (not norms, biases, scalars)."""
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    parts = []
+    if cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(
+        optax.adamw(learning_rate_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+    )
+    tx = optax.chain(*parts)
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    return tx
+
+
+# ------------------------------------------------------------------ the step and the loop
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
+    """Jitted (state, frozen, batch) -> (state, metrics); the state's buffers are donated."""
+
+    def step(state: TrainState, frozen, batch):
+        rng, sub = jax.random.split(state.rng)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(frozen, state.trainable, batch, sub)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return TrainState(state.step + 1, trainable, opt_state, rng), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    # The step donates the state's buffers; copy so the caller's arrays survive training.
+    trainable = jax.tree_util.tree_map(jnp.array, trainable)
+    return TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(seed))
+
+
+def _checkpoint_manager(cfg: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(cfg.checkpoint_dir).absolute(), options=options)
+
+
+def _restore(manager, template: TrainState) -> TrainState | None:
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _save(manager, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    trainable: Any
+    history: list[dict]
+    seconds: float
+    resumed_from: int | None
+
+
+def train(
+    loss_fn: Callable,
+    trainable,
+    frozen,
+    batch_fn: Callable[[int], Any],
+    cfg: TrainConfig,
+    *,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Run `cfg.total_steps` micro-steps (resuming from `cfg.checkpoint_dir` if it holds a checkpoint).
+
+    stop_after: end early after that step *as if interrupted* (saving a checkpoint first); used to
+    prove that a resumed run ends where an uninterrupted one does.
+    """
+    tx = make_optimizer(cfg)
+    state = init_state(trainable, tx, cfg.seed)
+    manager = _checkpoint_manager(cfg) if cfg.checkpoint_dir else None
+    resumed_from = None
+    if manager is not None:
+        restored = _restore(manager, state)
+        if restored is not None:
+            state, resumed_from = restored, int(restored.step)
+    step_fn = make_train_step(loss_fn, tx)
+    schedule = learning_rate_schedule(cfg)
+    history: list[dict] = []
+    log = open(cfg.log_path, "a") if cfg.log_path else None
+    start_step = int(state.step)
+    bar = tqdm(total=cfg.total_steps, initial=start_step, desc=cfg.description, unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    window_start, window_items = time.perf_counter(), 0
+    try:
+        for step in range(start_step, cfg.total_steps):
+            batch = batch_fn(step)
+            state, metrics = step_fn(state, frozen, batch)
+            window_items += _batch_size(batch)
+            last = step + 1 == cfg.total_steps
+            interrupt = stop_after is not None and step + 1 == stop_after
+            logging_now = (step + 1) % cfg.log_every == 0 or last or interrupt
+            saving = manager is not None and (last or interrupt or (cfg.save_every and (step + 1) % cfg.save_every == 0))
+            if logging_now or saving:  # never checkpoint a state that has gone non-finite
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in metrics.values()):
+                    bad = ", ".join(k for k, v in metrics.items() if not np.isfinite(v))
+                    where = f"; the last good checkpoint in {cfg.checkpoint_dir} is kept" if manager else ""
+                    raise TrainingDiverged(f"step {step + 1}: non-finite {bad}{where}")
+            if logging_now:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step + 1, "lr": float(schedule((step + 1) // cfg.grad_accum_steps)),
+                          "examples_per_s": window_items / max(elapsed, 1e-9), **metrics}
+                window_start, window_items = time.perf_counter(), 0
+                history.append(record)
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.1f}")
+            bar.update(1)
+            if saving:
+                _save(manager, state)
+            if stop_after is not None and step + 1 == stop_after:
+                break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if manager is not None:
+            manager.close()
+    return TrainResult(state.trainable, history, time.perf_counter() - t0, resumed_from)
+
+
+def _batch_size(batch) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    return int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "ndim", 0) else 1
