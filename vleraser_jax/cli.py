@@ -132,6 +132,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_data_synth(args) -> int:
+    import json
+
+    from .data.synthetic import read_info, synthesize, train_synthetic_tokenizer
+
+    root = synthesize(
+        args.out,
+        seed=args.seed,
+        num_people=args.people,
+        num_celebrities=args.celebrities,
+        image_size=args.image_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote the synthetic benchmark to {root}")
+    print(json.dumps(read_info(root), indent=2))
+    if args.tokenizer:
+        info = train_synthetic_tokenizer(root, args.tokenizer, vocab_size=args.vocab_size, image_size=args.image_size)
+        print(f"tokenizer ({info['vocab_size']} tokens, <image> = {info['image_token_id']}) and image processor "
+              f"config written to {info['tokenizer_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("data", help="benchmark data")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the synthetic benchmark (MLLMU-Bench layout) from a seed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--people", type=int, default=200)
+    p.add_argument("--celebrities", type=int, default=40)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--tokenizer", help="also train the tiny models' tokenizer into this directory")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_synth)
+
     from .data.mllmu import EVAL_SETS, MODES
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on MLLMU-Bench (or the synthetic benchmark)")
@@ -186,12 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _offline()
     args = build_parser().parse_args(argv)
+    from .data.mllmu import BenchmarkFormatError
     from .hf import CheckpointError
     from .models.configs import ConfigError
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, BenchmarkFormatError, FileNotFoundError, FileExistsError) as e:
         print(f"vleraser: error: {e}", file=sys.stderr)
         return 2
 

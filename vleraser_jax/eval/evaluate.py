@@ -156,6 +156,7 @@ def generate_answers(model, params, processor, requests: Sequence[Request], cfg:
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("pixel_values"),
+            image_grid_thw=batch.get("image_grid_thw"),
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=processor.eos_token_id,
             pad_token_id=processor.pad_token_id,
@@ -165,11 +166,13 @@ def generate_answers(model, params, processor, requests: Sequence[Request], cfg:
     return answers
 
 
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
-def _token_logprobs(model, params, input_ids, attention_mask, pixel_values):
-    """log p(token t+1 | tokens ≤ t) for every position: [B, T-1] (f32)."""
-    logits = model.apply({"params": params}, input_ids=input_ids, attention_mask=attention_mask,
-                         pixel_values=pixel_values).logits
+def _token_logprobs(model, params, input_ids, attention_mask, images):
+    """log p(token t+1 | tokens ≤ t) for every position: [B, T-1] (f32). images: the batch's image inputs."""
+    logits = model.apply({"params": params}, input_ids=input_ids, attention_mask=attention_mask, **images).logits
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
 
@@ -185,7 +188,8 @@ def loglik_choices(model, params, processor, requests: Sequence[Request], cfg: E
     scores = np.full(len(expanded), -np.inf)
     for idx, batch in tqdm(_padded_batches(reqs, texts, processor, cfg), total=-(-len(reqs) // cfg.batch_size),
                            desc="log-likelihood choices", unit="batch", leave=False):
-        lp = np.asarray(_token_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")))
+        images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+        lp = np.asarray(_token_logprobs(model, params, batch["input_ids"], batch["attention_mask"], images))
         for row, k in enumerate(idx):
             i, _ = expanded[k]
             # image tokens expand the prompt identically with or without the answer, so count text tokens

@@ -14,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from ..data.mllmu import MultipleChoice, OpenItem
+from ..data.mllmu import (
+    CLOZE_INSTRUCTION,
+    GEN_INSTRUCTION_TEXTUAL,
+    GEN_INSTRUCTION_VISUAL,
+    MC_INSTRUCTION,
+    MultipleChoice,
+    OpenItem,
+)
 
-CLASSIFICATION_INSTRUCTION = "Just give ONE letter representing the answer directly."
-CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should replace the [Blank]."
-GENERATION_INSTRUCTION = {
-    "visual": "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH.",
-    "textual": "Answer the question based on your trained knowledge in one sentence in ENGLISH.",
-}
+CLASSIFICATION_INSTRUCTION = MC_INSTRUCTION
+GENERATION_INSTRUCTION = {"visual": GEN_INSTRUCTION_VISUAL, "textual": GEN_INSTRUCTION_TEXTUAL}
 MAX_NEW_TOKENS = 50  # eval.py generates at most 50 tokens for every task
 
 
@@ -67,26 +70,31 @@ def _exemplar_images(exemplars: Sequence[Exemplar], mode: str) -> tuple[bytes, .
     return tuple(ex.image for ex in exemplars if mode == "visual" and ex.image is not None)
 
 
+def llava_turn(task: str, mode: str, user_text: str) -> str:
+    """eval.py's LLaVA turn around an instruction, by task and mode (its quirks included)."""
+    if mode == "visual":
+        return f"USER: <image>\n{user_text}\nASSISTANT:" + (" " if task == "generation" else "")
+    if task == "generation":
+        return f"USER: {user_text}\nASSISTANT:"
+    return f"USER:\n{user_text}\nASSISTANT:"
+
+
 def llava_classification(item: MultipleChoice, mode: str, image: bytes | None, exemplars: Sequence[Exemplar] = ()) -> Prompt:
     shots = "".join(_classification_exemplar(ex, mode) for ex in exemplars)
-    if mode == "visual":
-        return Prompt(f"{shots}USER: <image>\n{classification_instruction(item)}\nASSISTANT:", _exemplar_images(exemplars, mode) + (image,))
-    return Prompt(f"{shots}USER:\n{classification_instruction(item)}\nASSISTANT:")
+    text = shots + llava_turn("classification", mode, classification_instruction(item))
+    return Prompt(text, _exemplar_images(exemplars, mode) + (image,) if mode == "visual" else ())
 
 
 def llava_cloze(item: OpenItem, image: bytes | None, exemplars: Sequence[Exemplar] = ()) -> Prompt:
     mode = item.mode
     shots = "".join(_cloze_exemplar(ex, mode) for ex in exemplars)
-    if mode == "visual":
-        return Prompt(f"{shots}USER: <image>\n{cloze_question(item.question)}\nASSISTANT:", _exemplar_images(exemplars, mode) + (image,))
-    return Prompt(f"{shots}USER:\n{cloze_question(item.question)}\nASSISTANT:")
+    text = shots + llava_turn("cloze", mode, cloze_question(item.question))
+    return Prompt(text, _exemplar_images(exemplars, mode) + (image,) if mode == "visual" else ())
 
 
 def llava_generation(item: OpenItem, image: bytes | None) -> Prompt:
-    instruction = f"{item.question}\n{GENERATION_INSTRUCTION[item.mode]}"
-    if item.mode == "visual":
-        return Prompt(f"USER: <image>\n{instruction}\nASSISTANT: ", (image,))
-    return Prompt(f"USER: {instruction}\nASSISTANT:")
+    text = llava_turn("generation", item.mode, f"{item.question}\n{GENERATION_INSTRUCTION[item.mode]}")
+    return Prompt(text, (image,) if item.mode == "visual" else ())
 
 
 class Prompter:

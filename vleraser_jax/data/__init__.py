@@ -1,0 +1,1 @@
+"""Benchmark data: the MLLMU-Bench schema, its loader, and the synthetic benchmark written in that schema."""
