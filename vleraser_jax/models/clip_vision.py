@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .configs import CLIPVisionConfig
-from .layers import activation, attention
+from .layers import Dense, activation, attention
 
 
 class CLIPEmbeddings(nn.Module):
@@ -55,7 +55,7 @@ class CLIPAttention(nn.Module):
     def __call__(self, x):
         cfg = self.config
         heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+        dense = lambda name: Dense(cfg.hidden_size, dtype=self.dtype, name=name)
         b, t, _ = x.shape
         q, k, v = (dense(n)(x).reshape(b, t, heads, head_dim) for n in ("q_proj", "k_proj", "v_proj"))
         out = attention(q, k, v, None, scale=head_dim**-0.5, impl=self.attention_impl)
@@ -73,9 +73,9 @@ class CLIPEncoderLayer(nn.Module):
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         x = x + CLIPAttention(cfg, self.dtype, self.attention_impl, name="self_attn")(norm("layer_norm1")(x))
         h = norm("layer_norm2")(x)
-        h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(h)
+        h = Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(h)
         h = activation(cfg.hidden_act)(h)
-        h = nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, name="fc2")(h)
+        h = Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
         return x + h
 
 

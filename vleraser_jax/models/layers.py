@@ -83,33 +83,69 @@ def attention(q, k, v, mask=None, *, scale: float, impl: str = "reference"):
     raise ValueError(f"unknown attention impl {impl!r}; expected 'reference', 'xla' or 'cudnn'")
 
 
-def vacuum_project(key, projector):
-    """P h for the vacuum-space projector of one block (DESIGN §4).
+def vacuum_project(x, projector):
+    """P x for a vacuum-space projector (DESIGN §4), on the last axis of x.
 
     projector: {"basis": U [F, U]} meaning P = I - U Uᵀ (compact, for U < F/2), or {"dense": P [F, F]}.
     """
     if "basis" in projector:
-        basis = projector["basis"].astype(key.dtype)
-        return key - jnp.einsum("...u,fu->...f", jnp.einsum("...f,fu->...u", key, basis), basis)
-    return jnp.einsum("...f,fg->...g", key, projector["dense"].astype(key.dtype))
+        basis = projector["basis"].astype(x.dtype)
+        return x - jnp.einsum("...u,fu->...f", jnp.einsum("...f,fu->...u", x, basis), basis)
+    return jnp.einsum("...f,fg->...g", x, projector["dense"].astype(x.dtype))
 
 
-def lora_down_delta(key, lora, projector=None):
-    """scale · B A P h, written row-wise as scale · ((P h) a) b with a = Aᵀ [F, R], b = Bᵀ [R, D]."""
+def lora_delta(x, lora, projector=None):
+    """scale · B A P x, written row-wise as scale · ((P x) a) b with a = Aᵀ [F, R], b = Bᵀ [R, D]."""
     if projector is not None:
-        key = vacuum_project(key, projector)
-    low = jnp.einsum("...f,fr->...r", key, lora["a"].astype(key.dtype))
-    return jnp.einsum("...r,rd->...d", low, lora["b"].astype(key.dtype)) * lora["scale"].astype(key.dtype)
+        x = vacuum_project(x, projector)
+    low = jnp.einsum("...f,fr->...r", x, lora["a"].astype(x.dtype))
+    return jnp.einsum("...r,rd->...d", low, lora["b"].astype(x.dtype)) * lora["scale"].astype(x.dtype)
+
+
+LORA_MODES = ("added", "replaced")
+_PROJECTOR_KEYS = ("basis", "dense")
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameter names and layout) with a functional LoRA hook.
+
+    When the "lora" collection holds {"a", "b", "scale"} at this module's path, the output gains
+    scale · B A P x, P being the "vacuum" collection's projector at the same path (identity if absent).
+    `lora_mode="replaced"` returns only the LoRA path (plus the bias): the student in place of W.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, lora_mode: str = "added"):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        if self.has_variable("lora", "a"):
+            lora = {k: self.get_variable("lora", k) for k in ("a", "b", "scale")}
+            projector = {k: self.get_variable("vacuum", k) for k in _PROJECTOR_KEYS if self.has_variable("vacuum", k)}
+            delta = lora_delta(x, lora, projector or None)
+            if lora_mode == "added":
+                y = y + delta
+            elif lora_mode == "replaced":
+                y = delta
+            else:
+                raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
 
 
 class GatedMLP(nn.Module):
     """SwiGLU FFN y = W_down (act(W_gate x) * W_up x) with the hooks the unlearning methods need.
 
     - sows the key h = act(W_gate x) * (W_up x) as intermediates["ffn_key"] and the frozen FFN output
-      W_down h as intermediates["ffn_out"] (only stored when `mutable=["intermediates"]`);
-    - a functional LoRA on down_proj from the "lora" collection (`{"a", "b", "scale"}` at this module's
-      path + "down_proj"), optionally behind the vacuum projector from the "vacuum" collection.
-      `lora_mode="added"` returns W_down h + ΔW h, "replaced" returns ΔW h (plus the bias if any).
+      W_down h (+ bias) as intermediates["ffn_out"] (stored only with `mutable=["intermediates"]`);
+    - every projection is a LoRA-aware `Dense`; VL-Eraser puts its LoRA on down_proj behind the vacuum
+      projector, and `lora_mode` ("added" / "replaced") applies to down_proj, the FFN's output matrix.
     """
 
     hidden_size: int
@@ -120,27 +156,20 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, lora_mode: str = "added"):
-        dense = lambda features, name: nn.Dense(
-            features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        dense = lambda features, name: Dense(features, use_bias=self.use_bias, dtype=self.dtype, name=name)
         key = activation(self.act)(dense(self.intermediate_size, "gate_proj")(x)) * dense(
             self.intermediate_size, "up_proj"
         )(x)
         self.sow("intermediates", "ffn_key", key)
-        out = dense(self.hidden_size, "down_proj")(key)
-        self.sow("intermediates", "ffn_out", out)
-        if not self.has_variable("lora", "down_proj"):
-            return out
-        lora = self.get_variable("lora", "down_proj")
-        projector = self.get_variable("vacuum", "down_proj") if self.has_variable("vacuum", "down_proj") else None
-        delta = lora_down_delta(key, lora, projector)
-        if lora_mode == "added":
-            return out + delta
-        if lora_mode == "replaced":
+        down = dense(self.hidden_size, "down_proj")
+        out = down(key, lora_mode)
+        if self.is_mutable_collection("intermediates"):
+            frozen = self.variables["params"]["down_proj"]
+            teacher = key @ frozen["kernel"].astype(key.dtype)
             if self.use_bias:
-                delta = delta + self.variables["params"]["down_proj"]["bias"].astype(delta.dtype)
-            return delta
-        raise ValueError(f"lora_mode must be 'added' or 'replaced', got {lora_mode!r}")
+                teacher = teacher + frozen["bias"].astype(key.dtype)
+            self.sow("intermediates", "ffn_out", teacher)
+        return out
 
 
 def causal_mask(query_slots, num_slots: int, attention_mask=None):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .configs import TextConfig
-from .layers import GatedMLP, RMSNorm, apply_rotary, attention, causal_mask, positions_from_mask
+from .layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, causal_mask, positions_from_mask
 from .rope import rotary_cos_sin
 
 
@@ -41,9 +41,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
         cfg = self.config
-        dense = lambda features, bias, name: nn.Dense(
-            features, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        dense = lambda features, bias, name: Dense(features, use_bias=bias, dtype=self.dtype, name=name)
         b, t, _ = x.shape
         q = dense(cfg.num_attention_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
         k = dense(cfg.num_key_value_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
@@ -98,7 +96,7 @@ class CausalLM(nn.Module):
         ]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+            self.lm_head = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype)
 
     def embed(self, input_ids):
         # Out-of-vocabulary placeholder ids (e.g. an image token past the vocab) are clamped here and

@@ -14,7 +14,7 @@ import numpy as np
 
 from .clip_vision import CLIPVisionTower
 from .configs import LlavaConfig, compute_dtype
-from .layers import activation
+from .layers import Dense, activation
 from .llama import CausalLM, CausalLMOutput
 
 
@@ -26,9 +26,7 @@ class LlavaProjector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda name: nn.Dense(
-            self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        dense = lambda name: Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, name=name)
         return dense("linear_2")(activation(self.act)(dense("linear_1")(x)))
 
 
