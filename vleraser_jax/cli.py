@@ -154,6 +154,25 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .finetune import run_stage
+
+    c = load_config(args.config, args.overrides)
+    out = run_stage(c, args.stage, force=args.force)
+    print(f"{args.stage} model: {out}")
+    return 0
+
+
+def cmd_unlearn(args) -> int:
+    from .config import load_config
+    from .unlearn.run import run_experiment
+
+    c = load_config(args.config, args.overrides)
+    run_experiment(c, args.method)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_synth)
 
+    p = sub.add_parser("train", help="train (or reuse) the base / vanilla model of a config")
+    p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
+    p.add_argument("--stage", required=True, choices=["base", "vanilla"])
+    p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
+    p.set_defaults(func=cmd_train)
+
+    from .unlearn.run import METHODS
+
+    p = sub.add_parser("unlearn", help="unlearn the forget set from the config's vanilla model, evaluate, report")
+    p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
+    p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=sorted(METHODS))
+    p.set_defaults(func=cmd_unlearn)
+
     from .data.mllmu import EVAL_SETS, MODES
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on MLLMU-Bench (or the synthetic benchmark)")
@@ -220,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     _offline()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    overrides = [u for u in unknown if u.startswith("--config.")]
+    if len(overrides) != len(unknown) or (overrides and not hasattr(args, "config")):
+        build_parser().error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in overrides) or ' '.join(unknown)}")
+    args.overrides = overrides
     from .data.mllmu import BenchmarkFormatError
     from .hf import CheckpointError
     from .models.configs import ConfigError

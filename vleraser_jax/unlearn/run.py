@@ -1,0 +1,203 @@
+"""Run an unlearning method end to end on a trained model: data -> method -> unlearned model -> evaluation.
+
+`unlearn_vl_eraser` builds the vacuum projectors from the retain set's images, trains the LoRA on the
+forget set (stage 1), deletes it (stage 2), writes the artifacts (LoRA + projectors with orbax, the
+unlearned model with `save_pretrained`) and returns the unlearned parameters with timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+from PIL import Image
+
+from ..data import mllmu
+from ..hf import save_pretrained
+from . import lora as lora_lib
+from . import trainer as tr
+from . import vacuum
+from . import vl_eraser as vle
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOneConfig:
+    steps: int = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    max_length: int = 128
+    seed: int = 0
+
+
+def retain_image_batches(processor, rows: Sequence[mllmu.TrainingRow], batch_size: int = 32) -> list[dict]:
+    """One image-grounded prompt per retain person (its first image row): the projector's statistics."""
+    from ..processing import build_llava_prompt
+
+    first: dict[str, mllmu.TrainingRow] = {}
+    for row in rows:
+        if row.image is not None and row.person_id not in first:
+            first[row.person_id] = row
+    chosen = [first[k] for k in sorted(first)]
+    if not chosen:
+        raise ValueError("the retain set has no image-grounded rows to build the vacuum projector from")
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        part = chosen[start : start + batch_size]
+        texts = [build_llava_prompt(r.question, with_image=True) for r in part]
+        images = [Image.open(io.BytesIO(r.image)).convert("RGB") for r in part]
+        batches.append(processor(texts, images=images, padding_side="right"))
+    return batches
+
+
+def save_artifacts(path: Path, lora, projectors, meta: dict) -> None:
+    """LoRA and projectors as an orbax checkpoint (restorable with `load_artifacts`), meta as JSON."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    tree = {"lora": lora, "vacuum": projectors if projectors is not None else {}}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path / "state", tree, force=True)
+    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_artifacts(path: Path) -> tuple[dict, dict | None, dict]:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(path / "state")
+    meta = json.loads((path / "meta.json").read_text())
+    return tree["lora"], (tree["vacuum"] or None), meta
+
+
+def unlearn_vl_eraser(
+    model,
+    params,
+    processor,
+    bench: mllmu.Benchmark,
+    cfg: vle.VLEraserConfig,
+    stage: StageOneConfig,
+    out_dir: Path | None = None,
+    *,
+    forget_rows: Sequence[mllmu.TrainingRow] | None = None,
+    source_dir: Path | None = None,
+    log=print,
+) -> tuple[Any, dict]:
+    """VL-Eraser on `bench`'s forget set; returns (unlearned params, info with timings and reports).
+
+    forget_rows: the rows stage 1 trains on (default: the benchmark's forget training rows).
+    source_dir: the model's checkpoint dir, whose tokenizer/processor files the export copies.
+    """
+    from ..finetune import BatchSchedule, qa_example, tokenize
+
+    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "stage1": dataclasses.asdict(stage)}
+    projectors = None
+    if cfg.vacuum:
+        t0 = time.perf_counter()
+        batches = retain_image_batches(processor, bench.retain_train)
+        moments, n = vacuum.collect_moments(model, params, batches, cfg.pooling)
+        projectors, report = vacuum.build_projectors(moments, cfg.threshold, cfg.threshold_mode, cfg.retained_rank)
+        if cfg.layers is not None:
+            keep = {f"layers_{i}" for i in cfg.layers}
+            projectors = {"llm": {k: v for k, v in projectors["llm"].items() if k in keep}}
+        info["projector_seconds"] = time.perf_counter() - t0
+        info["projector_vectors"] = n
+        info["projector_report"] = [dataclasses.asdict(r) for r in report]
+        log(f"vacuum projector from {n} retain images in {info['projector_seconds']:.1f} s\n" + vacuum.format_report(report))
+    rows = list(forget_rows if forget_rows is not None else bench.forget_train)
+    if not rows:
+        raise ValueError("the forget set has no training rows")
+    data = tokenize(processor, [qa_example(r) for r in rows], stage.max_length)
+    schedule = BatchSchedule([(data, 1.0)], stage.batch_size, stage.steps, stage.seed)
+    lora = lora_lib.init(params, cfg.rank, cfg.alpha, jax.random.PRNGKey(stage.seed),
+                         layers=cfg.layers, b_std=cfg.lora_b_std)
+    trainable, scales = lora_lib.split_trainable(lora)
+    frozen = {"params": params, "scales": scales, "vacuum": projectors}
+    train_cfg = tr.TrainConfig(total_steps=stage.steps, learning_rate=stage.learning_rate, warmup_steps=stage.warmup_steps,
+                               seed=stage.seed, log_every=max(stage.steps // 20, 1), description="VL-Eraser stage 1")
+    result = tr.train(vle.stage1_loss_fn(model, cfg), trainable, frozen, schedule, train_cfg)
+    info["stage1_seconds"] = result.seconds
+    info["stage1_history"] = result.history
+    lora = tr.merge(result.trainable, scales)
+    t0 = time.perf_counter()
+    unlearned = vle.delete(params, lora, projectors, cfg.delete_alpha)
+    jax.block_until_ready(unlearned)
+    info["delete_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        save_artifacts(out_dir / "artifacts", lora, projectors, {k: v for k, v in info.items() if k != "stage1_history"})
+        save_pretrained(unlearned, model.config, out_dir / "model", copy_files_from=source_dir)
+    log(f"stage 1: {stage.steps} steps in {result.seconds:.1f} s (distill {result.history[-1]['distill']:.3f}, "
+        f"ce {result.history[-1]['ce']:.3f}); deletion in {info['delete_seconds'] * 1e3:.1f} ms")
+    return unlearned, info
+
+
+# ------------------------------------------------------------------ experiments from a config
+
+METHODS = {
+    # name in the report, VLEraserConfig changes relative to the config's vl_eraser section
+    "vl_eraser": ("VL-Eraser", {}),
+    "vl_eraser_no_vacuum": ("VL-Eraser w/o vacuum (P = I)", {"vacuum": False}),
+    "vl_eraser_no_distill": ("VL-Eraser w/o distill (λ = 0)", {"lambda_": 0.0}),
+    "vl_eraser_no_ce": ("VL-Eraser w/o CE (λ = 1)", {"lambda_": 1.0}),
+}
+
+
+def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, StageOneConfig]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    title, changes = METHODS[method]
+    section = c.get("vl_eraser") if hasattr(c, "get") else None
+    fields = {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+    stage_fields = {f.name for f in dataclasses.fields(StageOneConfig)}
+    values = dict(section) if section is not None else {}
+    cfg = vle.VLEraserConfig(**{k: (tuple(v) if k == "layers" and v is not None else v)
+                                for k, v in values.items() if k in fields})
+    stage = StageOneConfig(**{k: v for k, v in values.items() if k in stage_fields and k != "seed"}, seed=c.seed)
+    return title, dataclasses.replace(cfg, **changes), stage
+
+
+def eval_config(c):
+    from ..eval.evaluate import EvalConfig
+
+    e = c.eval
+    return EvalConfig(batch_size=e.batch_size, max_people=e.max_people or None, few_shot_people=e.few_shot_people,
+                      seed=c.seed)
+
+
+def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
+    """Vanilla (cached) -> each method -> evaluation -> the shared report; returns the report directory."""
+    from ..eval.evaluate import evaluate
+    from ..eval.report import load_results, write_report
+    from ..finetune import data_root, run_stage
+    from ..hf import load_pretrained
+    from ..processing import load_processor
+
+    vanilla_dir = run_stage(c, "vanilla", log=log)
+    model, params, config = load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+    processor = load_processor(vanilla_dir)
+    bench = mllmu.load_benchmark(data_root(c), c.data.forget_ratio)
+    report_dir = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}"
+    meta = {"model": c.name, "forget_ratio": c.data.forget_ratio, "vanilla": str(vanilla_dir)}
+    ecfg = eval_config(c)
+    if "Vanilla" not in load_results(report_dir):
+        log("evaluating the vanilla model")
+        result = evaluate(model, params, processor, bench, ecfg)
+        write_report(report_dir, "Vanilla", result.results, meta)
+    timings = {}
+    for method in methods:
+        title, cfg, stage = method_config(c, method)
+        log(f"== {title}")
+        out = report_dir / "runs" / method
+        unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, out, source_dir=vanilla_dir, log=log)
+        result = evaluate(model, unlearned, processor, bench, ecfg)
+        timings[title] = {k: v for k, v in info.items() if k.endswith("_seconds")}
+        write_report(report_dir, title, result.results, {**meta, "timings_s": timings})
+    log(f"report: {report_dir / 'report.md'}")
+    return report_dir
