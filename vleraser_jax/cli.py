@@ -173,6 +173,28 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import _literal, load_config
+    from .unlearn.run import run_sweep
+
+    c = load_config(args.config, args.overrides)
+    grid = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--grid {item!r}: expected name=v1,v2,...")
+        grid[key] = [_literal(v) for v in values.split(",")]
+    best, rows = run_sweep(c, grid, validation_people=args.validation_people)
+    out = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}" / "sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"grid": grid, "best": best, "rows": rows}, indent=2))
+    print(f"best on the validation split: {best}  (all rows: {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
     p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=sorted(METHODS))
     p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("sweep", help="choose VL-Eraser settings on a validation split of pseudo-forget people")
+    p.add_argument("--config", required=True)
+    p.add_argument("--grid", nargs="+", required=True, help="e.g. lambda_=0.3,0.5 rank=4,8 steps=50,100")
+    p.add_argument("--validation-people", type=int, default=10)
+    p.set_defaults(func=cmd_sweep)
 
     from .data.mllmu import EVAL_SETS, MODES
 

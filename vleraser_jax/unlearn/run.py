@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from PIL import Image
 
 from ..data import mllmu
@@ -140,6 +141,31 @@ def unlearn_vl_eraser(
 
 # ------------------------------------------------------------------ experiments from a config
 
+
+def validation_benchmark(bench: mllmu.Benchmark, num_people: int, seed: int = 0) -> mllmu.Benchmark:
+    """A pseudo-forget split for choosing hyperparameters without touching the reported forget people.
+
+    `num_people` retain people (seeded) play the forget set (their Test_Set images as its test set);
+    the other retain people stay the retain set; real is unchanged. The reported forget people are in
+    neither.
+    """
+    rng = np.random.default_rng([seed, 7])
+    retain = list(bench.retain)
+    if not 0 < num_people < len(retain):
+        raise ValueError(f"validation needs 0 < num_people < {len(retain)} retain people, got {num_people}")
+    chosen = {retain[i].person_id for i in rng.choice(len(retain), size=num_people, replace=False)}
+    val = tuple(p for p in retain if p.person_id in chosen)
+    by_id = {p.person_id: p for p in val}
+    test = mllmu.load_profiles(bench.root, mllmu.TEST_SET, ids=sorted(chosen), fallback=by_id, verify_images=False)
+    return dataclasses.replace(
+        bench,
+        forget=val,
+        test=tuple(sorted(test, key=lambda p: p.person_id)),
+        retain=tuple(p for p in retain if p.person_id not in chosen),
+        forget_train=tuple(r for r in bench.retain_train if r.person_id in chosen),
+        retain_train=tuple(r for r in bench.retain_train if r.person_id not in chosen),
+    )
+
 METHODS = {
     # name in the report, VLEraserConfig changes relative to the config's vl_eraser section
     "vl_eraser": ("VL-Eraser", {}),
@@ -201,3 +227,55 @@ def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
         write_report(report_dir, title, result.results, {**meta, "timings_s": timings})
     log(f"report: {report_dir / 'report.md'}")
     return report_dir
+
+
+def _classification(results, set_name) -> float:
+    modes = results.get(set_name, {})
+    values = [m["classification"]["value"] for m in modes.values() if "classification" in m]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_sweep(c, grid: dict[str, list], *, validation_people: int = 10, max_retain_people: int = 40,
+              chance: float = 0.25, max_retain_drop: float = 0.10, log=print) -> tuple[dict, list[dict]]:
+    """Grid search of VL-Eraser settings on `validation_benchmark` (never the reported forget people).
+
+    Score = fraction of the way forget classification (mean of both modes) moved from the vanilla
+    value to chance; settings whose retain classification drops more than `max_retain_drop` are not
+    eligible. Returns (best setting, every row).
+    """
+    import itertools
+
+    from ..eval.evaluate import evaluate
+    from ..finetune import data_root, run_stage
+    from ..hf import load_pretrained
+    from ..processing import load_processor
+
+    vanilla_dir = run_stage(c, "vanilla", log=log)
+    model, params, _ = load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+    processor = load_processor(vanilla_dir)
+    bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), validation_people, c.seed)
+    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=("classification",), loglik=False,
+                               max_people=max_retain_people)
+    base = evaluate(model, params, processor, bench, ecfg).results
+    v_forget, v_retain = _classification(base, "forget"), _classification(base, "retain")
+    log(f"validation vanilla: forget {v_forget:.3f}, retain {v_retain:.3f}")
+    _, base_cfg, base_stage = method_config(c, "vl_eraser")
+    vle_fields = {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+    rows = []
+    keys = sorted(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        setting = dict(zip(keys, values))
+        cfg = dataclasses.replace(base_cfg, **{k: v for k, v in setting.items() if k in vle_fields})
+        stage = dataclasses.replace(base_stage, **{k: v for k, v in setting.items() if k not in vle_fields})
+        unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, log=lambda *_: None)
+        res = evaluate(model, unlearned, processor, bench, ecfg).results
+        f, r = _classification(res, "forget"), _classification(res, "retain")
+        progress = (v_forget - f) / max(v_forget - chance, 1e-9)
+        row = {**setting, "forget": f, "retain": r, "progress_to_chance": progress,
+               "eligible": v_retain - r <= max_retain_drop, "stage1_s": info["stage1_seconds"]}
+        rows.append(row)
+        log(" ".join(f"{k}={v}" for k, v in setting.items()) + f"  forget {f:.3f} retain {r:.3f} progress {progress:.2f}"
+            + ("" if row["eligible"] else "  (retain drop too large)"))
+    eligible = [r for r in rows if r["eligible"]] or rows
+    best = max(eligible, key=lambda r: r["progress_to_chance"])
+    return {k: best[k] for k in keys}, rows
