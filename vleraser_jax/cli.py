@@ -79,6 +79,7 @@ def cmd_generate(args) -> int:
         batch["input_ids"],
         batch["attention_mask"],
         batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
         max_new_tokens=args.max_new_tokens,
         eos_token_id=processor.eos_token_id,
         pad_token_id=processor.pad_token_id,

@@ -3,6 +3,9 @@
 The whole loop is a single XLA program per (batch, prompt length, max_new_tokens, sampling settings):
 tokens never round-trip to the host, and nothing is recompiled per token. Prompts must be left-padded
 (every row's last prompt token is real), as for transformers' `generate`.
+
+Models with multimodal rotary (Qwen2-VL) return `rope_deltas` from the prefill; decode steps pass them
+back, so generated tokens continue at the prompt's largest M-RoPE position + 1, + 2, ...
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def _generate(
     input_ids,
     attention_mask,
     pixel_values,
+    image_grid_thw,
     rng,
     *,
     max_new_tokens: int,
@@ -81,6 +85,8 @@ def _generate(
     b, t = input_ids.shape
     cache = init_cache(text_config, b, t + max_new_tokens, compute_dtype(model.config.dtype))
     mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+    # Only models with a grid input (Qwen2-VL) accept image_grid_thw; None is static under jit.
+    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
     out = model.apply(
         variables,
         input_ids=input_ids,
@@ -89,7 +95,10 @@ def _generate(
         cache=cache,
         cache_index=0,
         lora_mode=lora_mode,
+        **grid,
     )
+    rope_deltas = getattr(out, "rope_deltas", None)
+    step_kwargs = {} if rope_deltas is None else {"rope_deltas": rope_deltas}
     rng, step_rng = jax.random.split(rng)
     first = _select(out.logits[:, -1], step_rng, temperature, top_p)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -107,7 +116,13 @@ def _generate(
         mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), jnp.int32), (0, slot))
         prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         out = model.apply(
-            variables, input_ids=prev, attention_mask=mask, cache=cache, cache_index=slot, lora_mode=lora_mode
+            variables,
+            input_ids=prev,
+            attention_mask=mask,
+            cache=cache,
+            cache_index=slot,
+            lora_mode=lora_mode,
+            **step_kwargs,
         )
         rng, step_rng = jax.random.split(rng)
         nxt = _select(out.logits[:, -1], step_rng, temperature, top_p)
@@ -129,6 +144,7 @@ def generate(
     attention_mask=None,
     pixel_values=None,
     *,
+    image_grid_thw=None,
     max_new_tokens: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
@@ -140,6 +156,7 @@ def generate(
     """Greedy (temperature=0) or sampled decoding.
 
     params: the model's params, or a variables dict with extra collections (e.g. "lora", "vacuum").
+    image_grid_thw: Qwen2-VL's per-image grid (from its processor), with its pixel_values.
     eos_token_id defaults to the model config's. Sampling needs an explicit `rng`.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -168,6 +185,7 @@ def generate(
         input_ids,
         jnp.asarray(attention_mask, jnp.int32),
         None if pixel_values is None else jnp.asarray(pixel_values),
+        None if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32),
         jax.random.PRNGKey(0) if rng is None else rng,
         max_new_tokens=int(max_new_tokens),
         eos_ids=eos_ids,

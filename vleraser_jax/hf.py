@@ -2,8 +2,8 @@
 
 A table row pairs an HF tensor name template with a pytree path template and a layout transform; the same
 row serves import and export. Placeholders: `{i}` is a layer number, `{name:a|b|c}` one of the listed
-words. On-disk naming variants (e.g. LLaVA's legacy `language_model.model.*`) are folded into the
-canonical transformers-v5 names by ordered alias rewrites before the table is consulted.
+words. On-disk naming variants (e.g. LLaVA's legacy `language_model.model.*`, Qwen2-VL's `visual.*`) are
+folded into the canonical transformers-v5 names by ordered alias rewrites before the table is consulted.
 
 Safetensors only: pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
 """
@@ -28,7 +28,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .models.configs import ConfigError, LlavaConfig, load_hf_config
+from .models.configs import ConfigError, LlavaConfig, Qwen2VLConfig, load_hf_config
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -250,17 +250,69 @@ LLAVA_TABLE = NameTable(
 )
 
 
+_VISUAL = "model.visual"
+QWEN2VL_TABLE = NameTable(
+    rules=tuple(
+        decoder_rules("model.language_model", "llm")
+        + [
+            Rule(f"{_VISUAL}.patch_embed.proj.weight", "vision/patch_embed/proj/kernel", Transform.CONV3D_AS_LINEAR),
+            Rule(f"{_VISUAL}.blocks.{{i}}.{{n:norm1|norm2}}.weight", "vision/blocks_{i}/{n}/scale"),
+            Rule(f"{_VISUAL}.blocks.{{i}}.{{n:norm1|norm2}}.bias", "vision/blocks_{i}/{n}/bias"),
+            Rule(
+                f"{_VISUAL}.blocks.{{i}}.attn.{{p:qkv|proj}}.weight", "vision/blocks_{i}/attn/{p}/kernel", Transform.LINEAR
+            ),
+            Rule(f"{_VISUAL}.blocks.{{i}}.attn.{{p:qkv|proj}}.bias", "vision/blocks_{i}/attn/{p}/bias"),
+            Rule(f"{_VISUAL}.blocks.{{i}}.mlp.{{p:fc1|fc2}}.weight", "vision/blocks_{i}/{p}/kernel", Transform.LINEAR),
+            Rule(f"{_VISUAL}.blocks.{{i}}.mlp.{{p:fc1|fc2}}.bias", "vision/blocks_{i}/{p}/bias"),
+            Rule(f"{_VISUAL}.merger.ln_q.weight", "vision/merger/ln_q/scale"),
+            Rule(f"{_VISUAL}.merger.ln_q.bias", "vision/merger/ln_q/bias"),
+            Rule(f"{_VISUAL}.merger.mlp.{{j:0|2}}.weight", "vision/merger/mlp_{j}/kernel", Transform.LINEAR),
+            Rule(f"{_VISUAL}.merger.mlp.{{j:0|2}}.bias", "vision/merger/mlp_{j}/bias"),
+        ]
+    ),
+    # Canonical = transformers 5's in-memory names. Qwen2-VL-7B-Instruct, and transformers 5's own
+    # save_pretrained, write `model.layers...` / `visual...`.
+    aliases=(
+        (r"^model\.(?=(layers|embed_tokens|norm)\.)", "model.language_model."),
+        (r"^visual\.", "model.visual."),
+    ),
+    ignored=(r"rotary_emb\.inv_freq$", r"rotary_pos_emb\.inv_freq$"),
+    export_schemes={
+        "transformers": (),
+        "legacy": (("model.language_model.", "model."), ("model.visual.", "visual.")),
+    },
+)
+
+
+def _qwen2_vl_torch_shapes(config) -> dict[str, tuple[int, ...]]:
+    v = config.vision
+    return {
+        "vision/patch_embed/proj/kernel": (
+            v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size
+        )
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     config_cls: type
     model_cls: Callable[[Any], Any]
     table: NameTable
+    # On-disk shapes that the Flax shape alone does not determine (a Conv3d stored as a linear kernel).
+    torch_shapes: Callable[[Any], dict[str, tuple[int, ...]]] | None = None
+
+    def torch_shape(self, config, flax_path: str) -> tuple[int, ...] | None:
+        return None if self.torch_shapes is None else self.torch_shapes(config).get(flax_path)
 
 
 def _architectures() -> dict[str, Architecture]:
     from .models.llava import LlavaForConditionalGeneration
+    from .models.qwen2_vl import Qwen2VLForConditionalGeneration
 
-    return {"llava": Architecture(LlavaConfig, LlavaForConditionalGeneration, LLAVA_TABLE)}
+    return {
+        "llava": Architecture(LlavaConfig, LlavaForConditionalGeneration, LLAVA_TABLE),
+        "qwen2_vl": Architecture(Qwen2VLConfig, Qwen2VLForConditionalGeneration, QWEN2VL_TABLE, _qwen2_vl_torch_shapes),
+    }
 
 
 def register_architecture(model_type: str, architecture: Architecture) -> None:
@@ -370,6 +422,12 @@ def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, att
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
                 value = transform.to_flax(tensor)
                 shape, _ = expected[flax_path]
+                disk_shape = arch.torch_shape(config, flax_path)
+                if disk_shape is not None and tuple(tensor.shape) != disk_shape:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
+                        f"({directory / 'config.json'}) implies {disk_shape}"
+                    )
                 if tuple(value.shape) != tuple(shape):
                     raise CheckpointError(
                         f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
@@ -432,9 +490,11 @@ def save_pretrained(
 ) -> Path:
     """Write a Hugging Face checkpoint directory that transformers loads with no missing/unexpected keys.
 
-    naming: "transformers" (the names transformers 5 uses in memory) or "legacy" (llava-1.5-7b-hf's
-    `language_model.model.*`, also readable by transformers 4.x). dtype: on-disk dtype (default: as
-    stored). copy_files_from: a checkpoint dir whose tokenizer/processor files are copied alongside.
+    naming: "transformers" (the names transformers 5 uses in memory) or "legacy" (the released
+    checkpoints' names, which transformers 5's own save_pretrained also writes: llava-1.5-7b-hf's
+    `language_model.model.*`, Qwen2-VL's `model.layers.*` / `visual.*`; readable by transformers 4.x).
+    dtype: on-disk dtype (default: as stored). copy_files_from: a checkpoint dir whose
+    tokenizer/processor files are copied alongside.
     The directory appears atomically: a failure leaves any previous one intact and no partial output.
     """
     arch = architecture_for(config.model_type)
@@ -460,7 +520,7 @@ def save_pretrained(
             array = array.astype(dtype)
         if not np.all(np.isfinite(array.astype(np.float32))):
             raise CheckpointError(f"refusing to export {flax_path!r} ({name}): it contains NaN or Inf")
-        tensors[name] = np.ascontiguousarray(transform.to_torch(array))
+        tensors[name] = np.ascontiguousarray(transform.to_torch(array, arch.torch_shape(config, flax_path)))
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

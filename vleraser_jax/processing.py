@@ -1,10 +1,14 @@
 """Prompt templates, tokenisation, image preprocessing and batch collation (numpy out).
 
-LLaVA-1.5 only for now (Qwen2-VL comes later). `LlavaProcessing.__call__` delegates to
-transformers' `LlavaProcessor`, built explicitly from a tokenizer and the PIL-backend
-`CLIPImageProcessorPil`, so the reference and this code cannot drift apart.
-`collate_for_training` expands `<image>` at the id level instead, because it needs the
-prompt/answer boundary; tests check it against `LlavaProcessor` on the joined text.
+`load_processor(dir)` builds `LlavaProcessing` or `Qwen2VLProcessing` from config.json's model_type.
+
+LLaVA-1.5: `LlavaProcessing.__call__` delegates to transformers' `LlavaProcessor`, built
+explicitly from a tokenizer and the PIL-backend `CLIPImageProcessorPil`, so the reference and
+this code cannot drift apart. Qwen2-VL: transformers' `Qwen2VLProcessor` cannot be built without
+torch (its video-processor slot imports it), so `Qwen2VLProcessing` uses the torch-free
+`Qwen2VLImageProcessorPil` and expands `<|image_pad|>` itself; tests check it against
+`Qwen2VLProcessor`. Both `collate_for_training`s expand image tokens at the id level, because
+they need the prompt/answer boundary; tests check them against the reference on the joined text.
 
 Nothing here imports torch. transformers itself imports torch whenever torch is installed
 (`configuration_utils` -> `modeling_rope_utils`), so transformers is imported lazily: importing
@@ -13,6 +17,7 @@ this module stays torch-free, and the whole path runs in an environment without 
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +39,37 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 MODEL_CONFIG = "config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+# Qwen2-VL's special tokens (a tiny test/synthetic tokenizer needs them as added tokens).
+QWEN2_VL_IMAGE_TOKEN = "<|image_pad|>"
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    QWEN2_VL_IMAGE_TOKEN,
+    "<|video_pad|>",
+)
+# Qwen2-VL-7B-Instruct's chat template (images as <|vision_start|><|image_pad|><|vision_end|>).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -99,6 +135,33 @@ def train_tokenizer(
     return tok
 
 
+def train_qwen2_vl_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 2048,
+    *,
+    min_frequency: int = 2,
+    model_max_length: int | None = None,
+) -> PreTrainedTokenizerFast:
+    """`train_tokenizer` with Qwen2-VL's special tokens, its chat template and `<|im_end|>` as eos.
+
+    Ids: the four Llama-style specials 0..3, then `QWEN2_VL_SPECIAL_TOKENS` in order (so
+    `<|image_pad|>` is 8). Saved to `out_dir`; `AutoTokenizer.from_pretrained` reloads it whole.
+    """
+    tok = train_tokenizer(
+        texts,
+        out_dir,
+        vocab_size,
+        QWEN2_VL_SPECIAL_TOKENS,
+        min_frequency=min_frequency,
+        model_max_length=model_max_length,
+    )
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.eos_token = "<|im_end|>"  # the chat turn terminator is what generation must stop on
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
 # ----------------------------------------------------------------------------- images
 
 
@@ -141,6 +204,52 @@ def write_image_processor_config(
     return path
 
 
+def write_qwen2_vl_image_processor_config(
+    out_dir: str | os.PathLike,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    resample: str = "bicubic",
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
+) -> Path:
+    """Write a Qwen2-VL `preprocessor_config.json`: resize to a multiple of patch_size·merge_size
+    with min_pixels <= h·w <= max_pixels (aspect ratio kept), rescale, normalise, cut into patches.
+
+    Loadable by `Qwen2VLImageProcessorPil.from_pretrained(out_dir)`. Returns the path.
+    """
+    if resample not in _PIL_RESAMPLE:
+        raise ValueError(f"resample={resample!r}; expected one of {sorted(_PIL_RESAMPLE)}")
+    factor = patch_size * merge_size
+    if min_pixels < factor * factor or max_pixels < min_pixels:
+        raise ValueError(
+            f"need (patch_size·merge_size)² = {factor * factor} <= min_pixels={min_pixels} <= max_pixels={max_pixels}"
+        )
+    cfg = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+        "resample": _PIL_RESAMPLE[resample],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(x) for x in image_mean],
+        "image_std": [float(x) for x in image_std],
+        "do_convert_rgb": True,
+        "patch_size": int(patch_size),
+        "temporal_patch_size": int(temporal_patch_size),
+        "merge_size": int(merge_size),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PREPROCESSOR_CONFIG
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -173,12 +282,160 @@ def _check_images(images: Any, where: str) -> list:
     return out
 
 
-class LlavaProcessing:
+class _Processing(abc.ABC):
+    """What every model's processing shares: token ids, the training collator, decoding.
+
+    Subclasses set `tokenizer`, `image_token`, `image_token_id`, `answer_separator` (joined between
+    prompt and answer) and implement `_image_inputs`.
+    """
+
+    tokenizer: Any
+    image_token: str
+    image_token_id: int
+    answer_separator: str = " "
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @abc.abstractmethod
+    def _image_inputs(self, images: list) -> tuple[dict[str, np.ndarray], list[int]]:
+        """(model image inputs, image tokens per image) for a non-empty flat list of images."""
+
+    # -- training batches
+    def collate_for_training(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        padding_side: str = "right",
+        max_length: int | None = None,
+        *,
+        pad_to_multiple_of: int | None = None,
+        mask_prompt: bool = True,
+        append_eos: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Batch `{"prompt", "answer", "image"?}` examples for next-token training.
+
+        Text is `prompt + answer_separator + answer` (+ eos; the separator is " " for LLaVA's
+        `...ASSISTANT:` prompts and "" for chat-template prompts that end in a newline).
+        Tokenisation: prompt ids are exactly `tokenizer(prompt)` (what generation sees), answer
+        ids are the tail of `tokenizer(text)` after them; a tokenizer that merges across that
+        boundary raises rather than train on a split never seen at inference.
+
+        `labels` are aligned with `input_ids` (unshifted, as in transformers) and are -100 on
+        padding, image tokens and, with `mask_prompt` (default), every prompt token, so the
+        loss is on answer tokens and the eos only. `image` is one image or a list, matching the
+        prompt's image-token count; the image inputs (`pixel_values`, and `image_grid_thw` for
+        Qwen2-VL) cover every image in batch order, so mixed image/text-only batches work as in
+        `__call__` (they are absent when no example has an image). `max_length` truncates from
+        the right; cutting an image token, or every answer token, raises. Padding goes to the
+        longest row (rounded up to `pad_to_multiple_of`).
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
+        if not examples:
+            raise ValueError("collate_for_training: empty batch")
+        tok = self.tokenizer
+        prompts, fulls, images = [], [], []
+        for i, ex in enumerate(examples):
+            try:
+                prompt, answer = ex["prompt"], ex["answer"]
+            except KeyError as e:
+                raise KeyError(f"example {i}: missing field {e.args[0]!r}") from None
+            if self.image_token in answer:
+                raise ValueError(f"example {i}: answer contains {self.image_token!r}")
+            imgs = _check_images(ex.get("image"), f"example {i}")
+            n_tags = prompt.count(self.image_token)
+            if n_tags != len(imgs):
+                raise ValueError(
+                    f"example {i}: prompt has {n_tags} {self.image_token!r} tag(s) but {len(imgs)} image(s) were given"
+                )
+            prompts.append(prompt)
+            fulls.append(f"{prompt}{self.answer_separator}{answer}")
+            images.extend(imgs)
+
+        image_inputs, tokens_per_image = self._image_inputs(images) if images else ({}, [])
+        counts = iter(tokens_per_image)
+        prompt_ids = tok(prompts, add_special_tokens=True)["input_ids"]
+        full_ids = tok(fulls, add_special_tokens=True)["input_ids"]
+        rows: list[tuple[list[int], list[int]]] = []
+        for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
+            if f[: len(p)] != p:
+                raise ValueError(
+                    f"example {i}: tokenizer merges across the prompt/answer boundary; "
+                    f"prompt ends {prompts[i][-20:]!r}"
+                )
+            answer = list(f[len(p) :])
+            if append_eos:
+                answer.append(self.eos_token_id)
+            ids: list[int] = []
+            labels: list[int] = []
+            for t in p:
+                if t == self.image_token_id:
+                    n_img = next(counts)
+                    ids.extend([t] * n_img)
+                    labels.extend([IGNORE_INDEX] * n_img)
+                else:
+                    ids.append(t)
+                    labels.append(IGNORE_INDEX if mask_prompt else t)
+            n_prompt = len(ids)
+            ids.extend(answer)
+            labels.extend(answer)
+            if max_length is not None and len(ids) > max_length:
+                img_pos = [j for j, t in enumerate(ids) if t == self.image_token_id]
+                if img_pos and img_pos[-1] >= max_length:
+                    raise ValueError(
+                        f"example {i}: max_length={max_length} would cut image tokens "
+                        f"(they end at position {img_pos[-1] + 1}; the sequence has {len(ids)} tokens)"
+                    )
+                if n_prompt >= max_length:
+                    raise ValueError(
+                        f"example {i}: max_length={max_length} leaves no answer tokens (prompt has {n_prompt})"
+                    )
+                ids, labels = ids[:max_length], labels[:max_length]
+            rows.append((ids, labels))
+
+        length = max(len(r[0]) for r in rows)
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        b = len(rows)
+        input_ids = np.full((b, length), self.pad_token_id, dtype=np.int32)
+        attention_mask = np.zeros((b, length), dtype=np.int32)
+        label_arr = np.full((b, length), IGNORE_INDEX, dtype=np.int32)
+        for r, (ids, labels) in enumerate(rows):
+            n = len(ids)
+            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            input_ids[r, sl] = ids
+            attention_mask[r, sl] = 1
+            label_arr[r, sl] = labels
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_arr, **image_inputs}
+
+    # -- decoding
+    def decode(self, token_ids: Any) -> str:
+        """Decode one sequence, skipping special tokens and negative ids (-100 labels)."""
+        ids = np.asarray(token_ids).reshape(-1).tolist()
+        return self.tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True)
+
+    def batch_decode(self, sequences: Any) -> list[str]:
+        """Decode each row of a 2-D array or each sequence of a (ragged) list."""
+        return [self.decode(s) for s in sequences]
+
+
+class LlavaProcessing(_Processing):
     """LLaVA-1.5 text+image processing with numpy outputs (build with `load_processor`).
 
     One image becomes `num_image_tokens` copies of the image token: (image_size//patch_size)²,
     plus one (CLS) when `vision_feature_select_strategy == "full"`.
     """
+
+    answer_separator = " "
 
     def __init__(
         self,
@@ -211,10 +468,7 @@ class LlavaProcessing:
                 f"(id maps to {tokenizer.convert_ids_to_tokens(self.image_token_id)!r})"
             )
         self.image_token = token
-        if tokenizer.pad_token is None:
-            # Padding is masked by attention_mask/labels, never by id, so any token works;
-            # unk keeps eos distinguishable in decoded text.
-            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        _ensure_pad_token(tokenizer)
         # CLIP prepends a CLS token: llava-hf ships num_additional_image_tokens=1 and "default"
         # drops it again, so the count matches the model's image features in both strategies.
         self.hf_processor = LlavaProcessor(
@@ -231,18 +485,6 @@ class LlavaProcessing:
     def num_image_tokens(self) -> int:
         n = (self.image_size // self.patch_size) ** 2
         return n + 1 if self.vision_feature_select_strategy == "full" else n
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
 
     def build_prompt(self, question: str, with_image: bool = True) -> str:
         """See `build_llava_prompt`."""
@@ -286,130 +528,130 @@ class LlavaProcessing:
         pv = self.image_processor(imgs, return_tensors="np")["pixel_values"]
         return np.asarray(pv, dtype=np.float32)
 
-    # -- training batches
-    def collate_for_training(
+    def _image_inputs(self, images: list) -> tuple[dict[str, np.ndarray], list[int]]:
+        return {"pixel_values": self.pixel_values(images)}, [self.num_image_tokens] * len(images)
+
+
+class Qwen2VLProcessing(_Processing):
+    """Qwen2-VL text+image processing with numpy outputs (build with `load_processor`).
+
+    An image of h x w pixels is resized to a multiple of patch_size·merge_size (within the image
+    processor's pixel budget) and becomes (h/patch)·(w/patch)/merge² copies of `<|image_pad|>`;
+    `pixel_values` holds every image's flattened patches, `image_grid_thw` each image's
+    (1, h/patch, w/patch). Prompts come from the tokenizer's chat template.
+    """
+
+    answer_separator = ""
+
+    def __init__(
         self,
-        examples: Sequence[Mapping[str, Any]],
-        padding_side: str = "right",
-        max_length: int | None = None,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
         *,
-        pad_to_multiple_of: int | None = None,
-        mask_prompt: bool = True,
-        append_eos: bool = True,
+        image_token_id: int,
+        chat_template: str | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.merge_size = int(image_processor.merge_size)
+        self.image_token_id = int(image_token_id)
+        token = _added_token(tokenizer, self.image_token_id)
+        if token is None:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is not an added (never split) token of the tokenizer "
+                f"(id maps to {tokenizer.convert_ids_to_tokens(self.image_token_id)!r})"
+            )
+        self.image_token = token
+        self.chat_template = chat_template or tokenizer.chat_template
+        if not self.chat_template:
+            raise ValueError("Qwen2-VL prompts need a chat template; the tokenizer has none and none was given")
+        _ensure_pad_token(tokenizer)
+
+    def build_prompt(self, question: str, with_image: bool = True) -> str:
+        """One user turn through the chat template, ending with the assistant header.
+
+        With an image, the turn's content is [image, text] (as MLLMU-Bench's Qwen2-VL evaluation
+        builds it), rendered as `<|vision_start|><|image_pad|><|vision_end|>question`.
+        """
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """Preprocess images alone: float32 `pixel_values` [patches, C·t·p·p], int32 `image_grid_thw` [N, 3]."""
+        return self._image_inputs(_check_images(images, "Qwen2VLProcessing.image_inputs"))[0]
+
+    def num_image_tokens(self, image_grid_thw: np.ndarray) -> list[int]:
+        """Image tokens per image: t·h·w / merge_size²."""
+        return [int(n) for n in np.prod(np.asarray(image_grid_thw), axis=-1) // self.merge_size**2]
+
+    def _image_inputs(self, images: list) -> tuple[dict[str, np.ndarray], list[int]]:
+        enc = self.image_processor(images, return_tensors="np")
+        grid = np.asarray(enc["image_grid_thw"], dtype=np.int32)
+        out = {"pixel_values": np.asarray(enc["pixel_values"], dtype=np.float32), "image_grid_thw": grid}
+        return out, self.num_image_tokens(grid)
+
+    # -- inference batches
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        images: Sequence[Image.Image] | None = None,
+        padding_side: str = "left",
     ) -> dict[str, np.ndarray]:
-        """Batch `{"prompt", "answer", "image"?}` examples for next-token training.
+        """Tokenise `texts` (padded to the longest), expanding the k-th `<|image_pad|>` of the batch
+        into the k-th image's token count.
 
-        Text is `prompt + " " + answer` (+ eos). Tokenisation: prompt ids are exactly
-        `tokenizer(prompt)` (what generation sees), answer ids are the tail of
-        `tokenizer(prompt + " " + answer)` after them; a tokenizer that merges across that
-        boundary raises rather than train on a split never seen at inference.
-
-        `labels` are aligned with `input_ids` (unshifted, as in transformers) and are -100 on
-        padding, image tokens and, with `mask_prompt` (default), every prompt token, so the
-        loss is on answer tokens and the eos only. `image` is one image or a list, matching the
-        prompt's `<image>` count; `pixel_values` has one row per image in batch order, so mixed
-        image/text-only batches work as in `__call__` (it is absent when no example has one).
-        `max_length` truncates from the right; cutting an image token, or every answer token,
-        raises. Padding goes to the longest row (rounded up to `pad_to_multiple_of`).
+        `images` is a flat list, one per image token in batch order, so a batch may mix image and
+        text-only prompts. Returns int32 `input_ids`/`attention_mask` and, with images, float32
+        `pixel_values` [patches, C·t·p·p] and int32 `image_grid_thw` [num_images, 3].
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
-        if not examples:
-            raise ValueError("collate_for_training: empty batch")
-        tok = self.tokenizer
-        prompts, fulls, images = [], [], []
-        for i, ex in enumerate(examples):
-            try:
-                prompt, answer = ex["prompt"], ex["answer"]
-            except KeyError as e:
-                raise KeyError(f"example {i}: missing field {e.args[0]!r}") from None
-            if self.image_token in answer:
-                raise ValueError(f"example {i}: answer contains {self.image_token!r}")
-            imgs = _check_images(ex.get("image"), f"example {i}")
-            n_tags = prompt.count(self.image_token)
-            if n_tags != len(imgs):
-                raise ValueError(
-                    f"example {i}: prompt has {n_tags} {self.image_token!r} tag(s) but {len(imgs)} image(s) were given"
-                )
-            prompts.append(prompt)
-            fulls.append(f"{prompt} {answer}")
-            images.extend(imgs)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        imgs = _check_images(images, "Qwen2VLProcessing.__call__")
+        n_tags = sum(t.count(self.image_token) for t in texts)
+        if n_tags != len(imgs):
+            raise ValueError(
+                f"texts hold {n_tags} {self.image_token!r} image token(s) but {len(imgs)} image(s) were given"
+            )
+        image_inputs, counts = self._image_inputs(imgs) if imgs else ({}, [])
+        counts_iter = iter(counts)
+        expanded = []
+        for text in texts:
+            parts = text.split(self.image_token)
+            pieces = [parts[0]]
+            for part in parts[1:]:
+                pieces.append(self.image_token * next(counts_iter) + part)
+            expanded.append("".join(pieces))
+        enc = self.tokenizer(expanded, padding="longest", padding_side=padding_side, return_tensors="np")
+        return {
+            "input_ids": np.asarray(enc["input_ids"], dtype=np.int32),
+            "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int32),
+            **image_inputs,
+        }
 
-        prompt_ids = tok(prompts, add_special_tokens=True)["input_ids"]
-        full_ids = tok(fulls, add_special_tokens=True)["input_ids"]
-        n_img = self.num_image_tokens
-        rows: list[tuple[list[int], list[int]]] = []
-        for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
-            if f[: len(p)] != p:
-                raise ValueError(
-                    f"example {i}: tokenizer merges across the prompt/answer boundary; "
-                    f"prompt ends {prompts[i][-20:]!r}"
-                )
-            answer = list(f[len(p) :])
-            if append_eos:
-                answer.append(self.eos_token_id)
-            ids: list[int] = []
-            labels: list[int] = []
-            for t in p:
-                if t == self.image_token_id:
-                    ids.extend([t] * n_img)
-                    labels.extend([IGNORE_INDEX] * n_img)
-                else:
-                    ids.append(t)
-                    labels.append(IGNORE_INDEX if mask_prompt else t)
-            n_prompt = len(ids)
-            ids.extend(answer)
-            labels.extend(answer)
-            if max_length is not None and len(ids) > max_length:
-                img_pos = [j for j, t in enumerate(ids) if t == self.image_token_id]
-                if img_pos and img_pos[-1] >= max_length:
-                    raise ValueError(
-                        f"example {i}: max_length={max_length} would cut image tokens "
-                        f"(they end at position {img_pos[-1] + 1}; the sequence has {len(ids)} tokens)"
-                    )
-                if n_prompt >= max_length:
-                    raise ValueError(
-                        f"example {i}: max_length={max_length} leaves no answer tokens (prompt has {n_prompt})"
-                    )
-                ids, labels = ids[:max_length], labels[:max_length]
-            rows.append((ids, labels))
 
-        length = max(len(r[0]) for r in rows)
-        if pad_to_multiple_of:
-            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-        b = len(rows)
-        input_ids = np.full((b, length), self.pad_token_id, dtype=np.int32)
-        attention_mask = np.zeros((b, length), dtype=np.int32)
-        label_arr = np.full((b, length), IGNORE_INDEX, dtype=np.int32)
-        for r, (ids, labels) in enumerate(rows):
-            n = len(ids)
-            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
-            input_ids[r, sl] = ids
-            attention_mask[r, sl] = 1
-            label_arr[r, sl] = labels
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_arr}
-        if images:
-            out["pixel_values"] = self.pixel_values(images)
-        return out
-
-    # -- decoding
-    def decode(self, token_ids: Any) -> str:
-        """Decode one sequence, skipping special tokens and negative ids (-100 labels)."""
-        ids = np.asarray(token_ids).reshape(-1).tolist()
-        return self.tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True)
-
-    def batch_decode(self, sequences: Any) -> list[str]:
-        """Decode each row of a 2-D array or each sequence of a (ragged) list."""
-        return [self.decode(s) for s in sequences]
+def _ensure_pad_token(tokenizer: Any) -> None:
+    if tokenizer.pad_token is None:
+        # Padding is masked by attention_mask/labels, never by id, so any token works;
+        # unk keeps eos distinguishable in decoded text.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_processor(checkpoint_dir: str | os.PathLike) -> LlavaProcessing:
-    """Build the processor of a local LLaVA checkpoint directory (no network, no remote code).
+def load_processor(checkpoint_dir: str | os.PathLike) -> LlavaProcessing | Qwen2VLProcessing:
+    """Build the processor of a local checkpoint directory (no network, no remote code).
 
-    Reads `config.json` (`model_type`, `image_token_index`, `vision_feature_select_strategy`,
+    Dispatches on config.json's `model_type`: "llava" -> `LlavaProcessing`, "qwen2_vl" ->
+    `Qwen2VLProcessing` (see `_load_qwen2_vl_processor`).
+
+    LLaVA reads `config.json` (`model_type`, `image_token_index`, `vision_feature_select_strategy`,
     `vision_config.image_size` / `.patch_size`; omitted fields take LlavaConfig's defaults), the
     tokenizer files and `preprocessor_config.json` (loaded with `CLIPImageProcessorPil`).
     A `processor_config.json` there, if any, is not read: config.json is the source of truth.
@@ -427,8 +669,10 @@ def load_processor(checkpoint_dir: str | os.PathLike) -> LlavaProcessing:
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
     model_type = raw.get("model_type")
+    if model_type == "qwen2_vl":
+        return _load_qwen2_vl_processor(root, raw)
     if model_type != "llava":
-        raise ValueError(f"{cfg_path}: model_type={model_type!r}; load_processor supports 'llava'")
+        raise ValueError(f"{cfg_path}: model_type={model_type!r}; load_processor supports 'llava' and 'qwen2_vl'")
     try:
         cfg = LlavaConfig.from_pretrained(str(root), local_files_only=True)
     except Exception as e:  # strict-dataclass validation names the field; add the file
@@ -477,6 +721,62 @@ def load_processor(checkpoint_dir: str | os.PathLike) -> LlavaProcessing:
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     )
+
+
+def _load_qwen2_vl_processor(root: Path, raw: dict) -> Qwen2VLProcessing:
+    """Qwen2-VL: config.json (parsed as the model loader does), the tokenizer files, its chat template
+    (from the tokenizer, else `chat_template.jinja` / `chat_template.json`) and `preprocessor_config.json`
+    (loaded with `Qwen2VLImageProcessorPil`; its patch/merge/temporal sizes must match the vision config).
+    """
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from .models.configs import ConfigError, Qwen2VLConfig
+
+    cfg_path = root / MODEL_CONFIG
+    try:
+        cfg = Qwen2VLConfig.from_hf_config(raw)
+    except ConfigError as e:
+        raise ValueError(f"{cfg_path}: invalid Qwen2-VL config: {e}") from e
+    if not any((root / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{root}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
+    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
+    chat_template = tokenizer.chat_template or _read_chat_template(root)
+    if not chat_template:
+        raise ValueError(f"{root}: no chat template (not in the tokenizer, nor in {' / '.join(CHAT_TEMPLATE_FILES)})")
+
+    pp_path = root / PREPROCESSOR_CONFIG
+    if not pp_path.is_file():
+        raise FileNotFoundError(
+            f"{root}: missing {PREPROCESSOR_CONFIG} (write one with write_qwen2_vl_image_processor_config)"
+        )
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(root), local_files_only=True)
+    vision = cfg.vision
+    for name, want in (
+        ("patch_size", vision.patch_size),
+        ("merge_size", vision.spatial_merge_size),
+        ("temporal_patch_size", vision.temporal_patch_size),
+    ):
+        got = getattr(image_processor, name, None)
+        if got != want:
+            raise ValueError(f"{pp_path}: {name}={got!r} but {cfg_path} vision_config implies {want}")
+    if _added_token(tokenizer, cfg.image_token_id) is None:
+        raise ValueError(
+            f"{cfg_path}: image_token_id={cfg.image_token_id} is not an added (never split) token of the "
+            f"tokenizer in {root} (id maps to {tokenizer.convert_ids_to_tokens(cfg.image_token_id)!r})"
+        )
+    return Qwen2VLProcessing(tokenizer, image_processor, image_token_id=cfg.image_token_id, chat_template=chat_template)
+
+
+def _read_chat_template(root: Path) -> str | None:
+    jinja, js = (root / f for f in CHAT_TEMPLATE_FILES)
+    if jinja.is_file():
+        return jinja.read_text()
+    if js.is_file():
+        try:
+            return json.loads(js.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{js}: not a chat template file ({e})") from e
+    return None
 
 
 def _output_size(image_processor: Any, pp_path: Path) -> tuple[int, int]:

@@ -266,6 +266,243 @@ class LlavaConfig:
         }
 
 
+# Defaults of transformers' Qwen2VLTextConfig (where they differ from TextConfig's) for fields a
+# config.json may omit.
+_QWEN2_VL_TEXT_DEFAULTS = {
+    "rope_theta": 1000000.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 32768,
+    "num_key_value_heads": 8,
+}
+_QWEN2_VL_DEFAULT_MROPE_SECTION = (16, 24, 24)
+# Keys of a flat (pre-nested, as Qwen2-VL-7B-Instruct ships) config.json that are not text-model fields.
+_QWEN2_VL_MULTIMODAL_KEYS = (
+    "vision_config", "text_config", "architectures", "model_type", "image_token_id", "video_token_id",
+    "vision_start_token_id", "vision_end_token_id", "vision_token_id", "transformers_version",
+)
+# M-RoPE needs position-independent frequencies: "dynamic"/"longrope" switch them by sequence length.
+_MROPE_UNSUPPORTED = ("dynamic", "longrope")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLVisionConfig:
+    """Qwen2-VL ViT: Conv3d patches, 2-D rotary, pre-LN blocks, then a 2x2 patch merger into the LM width."""
+
+    depth: int
+    embed_dim: int
+    hidden_size: int  # merger output width (= the language model's hidden_size)
+    num_heads: int
+    mlp_ratio: float = 4
+    hidden_act: str = "quick_gelu"
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02  # unused here; kept so exports round-trip
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"vision_config: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            # 2-D rotary splits each head into (h, w) halves of rotate_half pairs.
+            raise ConfigError(f"vision_config: head dim {self.head_dim} must be a multiple of 4 for 2-D rotary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row of `pixel_values`: C · t · p · p."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], where: str = "vision_config") -> "Qwen2VLVisionConfig":
+        model_type = hf.get("model_type", "qwen2_vl_vision")
+        if model_type not in ("qwen2_vl_vision", "qwen2_vl"):  # old checkpoints wrote "qwen2_vl" here
+            raise ConfigError(
+                f"{where}: vision model_type {model_type!r} is not a Qwen2-VL vision tower (qwen2_vl_vision)"
+            )
+        for key in ("patch_size", "temporal_patch_size"):
+            if not isinstance(hf.get(key, 1), int):
+                raise ConfigError(f"{where}: only integer {key} is supported, got {hf[key]!r}")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"{where}: vision rope_type must be 'axial', got {rope.get('rope_type')!r}")
+        depth = hf.get("depth", hf.get("num_hidden_layers"))
+        heads = hf.get("num_heads", hf.get("num_attention_heads"))
+        if depth is None or heads is None:
+            raise ConfigError(f"{where}: required fields 'depth' and 'num_heads' are missing")
+        return cls(
+            depth=depth,
+            embed_dim=_require(hf, "embed_dim", where),
+            hidden_size=_require(hf, "hidden_size", where),
+            num_heads=heads,
+            mlp_ratio=hf.get("mlp_ratio", 4),
+            hidden_act=hf.get("hidden_act", "quick_gelu"),
+            in_channels=hf.get("in_channels", hf.get("in_chans", 3)),
+            patch_size=hf.get("patch_size", 14),
+            spatial_merge_size=hf.get("spatial_merge_size", 2),
+            temporal_patch_size=hf.get("temporal_patch_size", 2),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+
+    def to_hf_config(self) -> dict:
+        return {
+            "model_type": "qwen2_vl_vision",
+            "depth": self.depth,
+            "embed_dim": self.embed_dim,
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "hidden_act": self.hidden_act,
+            "in_channels": self.in_channels,
+            "patch_size": self.patch_size,
+            "spatial_merge_size": self.spatial_merge_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+            "initializer_range": self.initializer_range,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    """Qwen2-VL: ViT with patch merger -> Qwen2 decoder with multimodal rotary (M-RoPE).
+
+    `text.rope_parameters["mrope_section"]` splits the rotary frequency pairs into (temporal, height, width)
+    sections; it sums to head_dim // 2.
+    """
+
+    vision: Qwen2VLVisionConfig
+    text: TextConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    # Runtime-only (never exported): compute dtype and attention backend.
+    dtype: str = "float32"
+    attention_impl: str = "reference"
+
+    model_type = "qwen2_vl"
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        compute_dtype(self.dtype)
+        text = self.text
+        if self.vision.hidden_size != text.hidden_size:
+            raise ConfigError(
+                f"vision_config.hidden_size {self.vision.hidden_size} (merger output) != "
+                f"text hidden_size {text.hidden_size}"
+            )
+        if not text.qkv_bias or text.o_bias or text.mlp_bias:
+            raise ConfigError("a Qwen2-VL decoder has q/k/v biases only (qkv_bias=True, o_bias=mlp_bias=False)")
+        rope_type = text.rope_parameters.get("rope_type", "default")
+        if rope_type in _MROPE_UNSUPPORTED:
+            raise ConfigError(f"rope_type {rope_type!r} is not supported with M-RoPE")
+        if sum(self.mrope_section) != text.head_dim // 2:
+            raise ConfigError(
+                f"mrope_section {list(self.mrope_section)} sums to {sum(self.mrope_section)}; "
+                f"expected head_dim // 2 = {text.head_dim // 2}"
+            )
+
+    @property
+    def mrope_section(self) -> tuple[int, ...]:
+        return tuple(self.text.rope_parameters.get("mrope_section", _QWEN2_VL_DEFAULT_MROPE_SECTION))
+
+    def replace(self, **changes) -> "Qwen2VLConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **runtime) -> "Qwen2VLConfig":
+        """Reads both layouts: nested `text_config` (transformers 5) and flat text fields (as released)."""
+        from .rope import rope_parameters_from_hf
+
+        if hf.get("model_type") != "qwen2_vl":
+            raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not 'qwen2_vl'")
+        if isinstance(hf.get("text_config"), Mapping):
+            text_hf = dict(hf["text_config"])
+            where = "text_config"
+        else:
+            text_hf = {k: v for k, v in hf.items() if k not in _QWEN2_VL_MULTIMODAL_KEYS}
+            where = "config.json"
+        text_type = text_hf.get("model_type", "qwen2_vl_text")
+        if text_type not in ("qwen2_vl_text", "qwen2_vl"):
+            raise ConfigError(f"{where}: text model_type {text_type!r} is not a Qwen2-VL decoder (qwen2_vl_text)")
+        text_hf["model_type"] = "qwen2_vl_text"
+        if text_hf.get("use_sliding_window"):
+            raise ConfigError(f"{where}: use_sliding_window=True is not supported")
+        source = text_hf.get("rope_scaling") or text_hf.get("rope_parameters") or {}
+        if not (isinstance(source, Mapping) and source.get("rope_theta") is not None):
+            text_hf.setdefault("rope_theta", _QWEN2_VL_TEXT_DEFAULTS["rope_theta"])
+        for key, value in _QWEN2_VL_TEXT_DEFAULTS.items():
+            if key != "rope_theta":
+                text_hf.setdefault(key, value)
+        try:
+            rope = rope_parameters_from_hf(text_hf)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if rope["rope_type"] == "mrope":  # legacy spelling of default frequencies + sections
+            rope["rope_type"] = "default"
+        rope.setdefault("mrope_section", list(_QWEN2_VL_DEFAULT_MROPE_SECTION))
+        text_hf.pop("rope_scaling", None)
+        text_hf["rope_parameters"] = rope
+        # transformers forwards a text-level (pre-v5) tie flag to the top level.
+        text_hf["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings") or text_hf.get("tie_word_embeddings"))
+        text = TextConfig.from_hf_config(text_hf, where)
+        # Qwen2-VL attention ignores any head_dim field; its MLP has no biases.
+        text = dataclasses.replace(text, head_dim=text.hidden_size // text.num_attention_heads, mlp_bias=False)
+        return cls(
+            vision=Qwen2VLVisionConfig.from_hf_config(_require(hf, "vision_config", "config.json")),
+            text=text,
+            image_token_id=hf.get("image_token_id", 151655),
+            video_token_id=hf.get("video_token_id", 151656),
+            vision_start_token_id=hf.get("vision_start_token_id", 151652),
+            vision_end_token_id=hf.get("vision_end_token_id", 151653),
+            **runtime,
+        )
+
+    def to_hf_config(self) -> dict:
+        t = self.text
+        text = {
+            "model_type": "qwen2_vl_text",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": t.hidden_act,
+            "rope_parameters": t.rope_parameters,
+            "use_sliding_window": False,
+            "bos_token_id": t.bos_token_id,
+            "eos_token_id": _thaw(t.eos_token_id),
+            "pad_token_id": t.pad_token_id,
+        }
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            "vision_config": self.vision.to_hf_config(),
+            "text_config": text,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "dtype": "float32",
+        }
+
+
 def load_hf_config(path) -> dict:
     """Read config.json, with an error that names the file."""
     try:
