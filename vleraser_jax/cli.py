@@ -62,7 +62,7 @@ def cmd_generate(args) -> int:
     import jax
     from PIL import Image
 
-    from .generate import generate
+    from .generate import generate_batch
     from .hf import load_pretrained
     from .processing import load_processor
 
@@ -73,16 +73,12 @@ def cmd_generate(args) -> int:
     if images and len(images) != len(prompts):
         raise SystemExit(f"give one --image per --question ({len(args.image)} images, {len(prompts)} questions)")
     batch = processor(prompts, images=images, padding_side="left")
-    out = generate(
+    out = generate_batch(
         model,
         params,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch.get("pixel_values"),
-        image_grid_thw=batch.get("image_grid_thw"),
+        batch,
+        processor,
         max_new_tokens=args.max_new_tokens,
-        eos_token_id=processor.eos_token_id,
-        pad_token_id=processor.pad_token_id,
         temperature=args.temperature,
         top_p=args.top_p,
         rng=jax.random.PRNGKey(args.seed) if args.temperature > 0 else None,

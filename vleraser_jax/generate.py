@@ -194,3 +194,18 @@ def generate(
         top_p=float(top_p),
         lora_mode=lora_mode,
     )
+
+
+def generate_batch(model, params, batch: dict, processor, **kwargs) -> GenerateOutput:
+    """`generate` on a processor's left-padded batch (image inputs, eos and pad ids taken from them)."""
+    return generate(
+        model,
+        params,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        eos_token_id=processor.eos_token_id,
+        pad_token_id=processor.pad_token_id,
+        **kwargs,
+    )

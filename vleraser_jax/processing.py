@@ -460,14 +460,7 @@ class LlavaProcessing(_Processing):
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token_id = int(image_token_index)
-        token = _added_token(tokenizer, self.image_token_id)
-        if token is None:
-            raise ValueError(
-                f"image_token_index={self.image_token_id} is not an added (never split) token of the tokenizer "
-                f"(id maps to {tokenizer.convert_ids_to_tokens(self.image_token_id)!r})"
-            )
-        self.image_token = token
+        self.image_token_id, self.image_token = _image_token(tokenizer, image_token_index, "image_token_index")
         _ensure_pad_token(tokenizer)
         # CLIP prepends a CLS token: llava-hf ships num_additional_image_tokens=1 and "default"
         # drops it again, so the count matches the model's image features in both strategies.
@@ -476,7 +469,7 @@ class LlavaProcessing(_Processing):
             tokenizer=tokenizer,
             patch_size=self.patch_size,
             vision_feature_select_strategy=vision_feature_select_strategy,
-            image_token=token,
+            image_token=self.image_token,
             num_additional_image_tokens=1,
         )
 
@@ -554,14 +547,7 @@ class Qwen2VLProcessing(_Processing):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = int(image_processor.merge_size)
-        self.image_token_id = int(image_token_id)
-        token = _added_token(tokenizer, self.image_token_id)
-        if token is None:
-            raise ValueError(
-                f"image_token_id={self.image_token_id} is not an added (never split) token of the tokenizer "
-                f"(id maps to {tokenizer.convert_ids_to_tokens(self.image_token_id)!r})"
-            )
-        self.image_token = token
+        self.image_token_id, self.image_token = _image_token(tokenizer, image_token_id, "image_token_id")
         self.chat_template = chat_template or tokenizer.chat_template
         if not self.chat_template:
             raise ValueError("Qwen2-VL prompts need a chat template; the tokenizer has none and none was given")
@@ -790,6 +776,17 @@ def _output_size(image_processor: Any, pp_path: Path) -> tuple[int, int]:
     if getattr(image_processor, "do_resize", False) and "height" in size and "width" in size:
         return int(size["height"]), int(size["width"])
     raise ValueError(f"{pp_path}: neither crop_size nor size gives a fixed height/width")
+
+
+def _image_token(tokenizer: Any, token_id: int, field: str) -> tuple[int, str]:
+    """(id, token string) of the image placeholder, which must be a never-split added token."""
+    token = _added_token(tokenizer, int(token_id))
+    if token is None:
+        raise ValueError(
+            f"{field}={int(token_id)} is not an added (never split) token of the tokenizer "
+            f"(id maps to {tokenizer.convert_ids_to_tokens(int(token_id))!r})"
+        )
+    return int(token_id), token
 
 
 def _added_token(tokenizer: Any, token_id: int) -> str | None:

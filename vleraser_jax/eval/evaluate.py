@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.mllmu import EVAL_SETS, MODES, Benchmark, MultipleChoice, OpenItem, Profile
-from ..generate import generate
+from ..generate import generate_batch
 from . import metrics
 from .protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
 
@@ -150,17 +150,7 @@ def generate_answers(model, params, processor, requests: Sequence[Request], cfg:
     answers: list[str] = [""] * len(requests)
     batches = _padded_batches(requests, texts, processor, cfg)
     for idx, batch in tqdm(batches, total=-(-len(requests) // cfg.batch_size), desc=desc, unit="batch", leave=False):
-        out = generate(
-            model,
-            params,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=processor.eos_token_id,
-            pad_token_id=processor.pad_token_id,
-        )
+        out = generate_batch(model, params, batch, processor, max_new_tokens=cfg.max_new_tokens)
         for row, tokens in zip(idx, out.trimmed()):
             answers[row] = metrics.assistant_response(processor.decode(tokens))
     return answers
