@@ -73,19 +73,45 @@ def tiny_llava_hf_config(
     )
 
 
-def make_torch_llava(hf_config, seed: int = 0):
-    """A random LlavaForConditionalGeneration with non-trivial norms/biases (HF inits them to 1/0)."""
-    from transformers import LlavaForConditionalGeneration
-
+def randomized(model, seed: int = 0, norm_markers=("norm", "layrnorm", "ln_q")):
+    """Give a freshly built torch model random weights with non-trivial norms and biases (HF inits
+    them to 1 and 0, which would hide layout mistakes), in eval mode."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
+            if name.endswith("bias") or any(m in name for m in norm_markers):
                 p.add_(0.1 * torch.randn_like(p))
             elif p.ndim >= 2:
                 p.normal_(0.0, 0.08)
-    return model
+    return model.eval()
+
+
+def make_torch_llava(hf_config, seed: int = 0):
+    """A random LlavaForConditionalGeneration (see `randomized`)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return randomized(LlavaForConditionalGeneration(hf_config), seed)
+
+
+def torch_generate_new_tokens(torch_model, ids, mask, max_new_tokens, eos, **image_inputs):
+    """transformers' greedy generate; returns only the new tokens (numpy)."""
+    with torch.no_grad():
+        out = torch_model.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            **image_inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1]:].numpy()
+
+
+def trim_at_eos(row, eos):
+    row = list(row)
+    return row[: row.index(eos) + 1] if eos in row else row
 
 
 @pytest.fixture(scope="session")

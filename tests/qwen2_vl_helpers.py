@@ -56,18 +56,12 @@ def tiny_qwen2_vl_hf_config(
 
 
 def make_torch_qwen2_vl(hf_config, seed: int = 0):
-    """A random Qwen2VLForConditionalGeneration with non-trivial norms/biases (HF inits them to 1/0)."""
+    """A random Qwen2VLForConditionalGeneration (see conftest.randomized)."""
+    from conftest import randomized
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.ndim >= 2:
-                p.normal_(0.0, 0.08)
-    return model
+    return randomized(Qwen2VLForConditionalGeneration(hf_config), seed)
 
 
 def qwen_batch(rng: np.random.Generator, rows, grids):

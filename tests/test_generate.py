@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import llava_inputs, positions_like_ours
+from conftest import llava_inputs, positions_like_ours, torch_generate_new_tokens, trim_at_eos
 
 from vleraser_jax.generate import _generate, generate
 from vleraser_jax.hf import load_pretrained
@@ -21,22 +21,7 @@ def loaded(tiny_llava_dir):
 
 def torch_greedy(torch_model, ids, mask, pixels, max_new_tokens, eos):
     images = {} if pixels is None else {"pixel_values": torch.tensor(pixels)}
-    with torch.no_grad():
-        out = torch_model.generate(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            **images,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1]:].numpy()
-
-
-def trim(row, eos):
-    row = list(row)
-    return row[: row.index(eos) + 1] if eos in row else row
+    return torch_generate_new_tokens(torch_model, ids, mask, max_new_tokens, eos, **images)
 
 
 @pytest.mark.parametrize("with_image", [(True, True), (False, False), (True, False)])
@@ -48,7 +33,7 @@ def test_greedy_matches_torch_generate(loaded, with_image):
     pixels = pixels if any(with_image) else None
     ours = generate(model, params, ids, mask, pixels, max_new_tokens=16, eos_token_id=2, pad_token_id=0)
     ref = torch_greedy(torch_model, ids, mask, pixels, 16, eos=2)
-    assert [trim(r, 2) for r in ref] == ours.trimmed()
+    assert [trim_at_eos(r, 2) for r in ref] == ours.trimmed()
 
 
 def test_eos_stops_rows_and_pads_after(loaded):
@@ -58,7 +43,7 @@ def test_eos_stops_rows_and_pads_after(loaded):
     eos = int(np.asarray(free.tokens)[0, 3])  # a token row 0 emits at step 3 becomes "eos"
     ours = generate(model, params, ids, mask, pixels, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     ref = torch_greedy(torch_model, ids, mask, pixels, 12, eos=eos)
-    assert [trim(r, eos) for r in ref] == ours.trimmed()
+    assert [trim_at_eos(r, eos) for r in ref] == ours.trimmed()
     row0 = np.asarray(ours.tokens)[0]
     first_eos = list(row0).index(eos)
     assert first_eos <= 3 and (row0[first_eos + 1:] == 0).all()

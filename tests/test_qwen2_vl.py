@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import positions_like_ours
+from conftest import positions_like_ours, torch_generate_new_tokens, trim_at_eos
 from flax import traverse_util
 from qwen2_vl_helpers import (
     IMAGE,
@@ -327,22 +327,7 @@ def test_misshaped_patch_embedding_is_named(default, tmp_path):
 
 
 def torch_greedy(torch_model, ids, mask, pixels, grid, max_new_tokens, eos):
-    with torch.no_grad():
-        out = torch_model.generate(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            **torch_image_kwargs(ids, pixels, grid),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1]:].numpy()
-
-
-def trim(row, eos):
-    row = list(row)
-    return row[: row.index(eos) + 1] if eos in row else row
+    return torch_generate_new_tokens(torch_model, ids, mask, max_new_tokens, eos, **torch_image_kwargs(ids, pixels, grid))
 
 
 def test_greedy_matches_torch_generate_with_images_and_left_padding(default):
@@ -356,7 +341,7 @@ def test_greedy_matches_torch_generate_with_images_and_left_padding(default):
         model, params, ids, mask, pixels, image_grid_thw=grid, max_new_tokens=10, eos_token_id=2, pad_token_id=0
     )
     ref = torch_greedy(torch_model, ids, mask, pixels, grid, 10, eos=2)
-    assert [trim(r, 2) for r in ref] == ours.trimmed()
+    assert [trim_at_eos(r, 2) for r in ref] == ours.trimmed()
 
 
 def test_cached_decoding_equals_full_forward_and_compiles_once(default):
