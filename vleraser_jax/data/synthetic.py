@@ -50,7 +50,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ BASE_SET = "Base_Set"
 INFO_FILE = "synthetic_info.json"
 BASE_KINDS = ("qa", "classification", "generation", "cloze", "caption", "attribute")
 SPLIT_RATIOS = (5, 10, 15)  # in the order data_split.py draws them
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -393,7 +393,7 @@ class Person:
     person_id: str
     name: str
     facts: dict[str, str]
-    look: Look
+    look: Look | None = None  # None when rebuilt from a biography (`person_from_profile`)
 
     def value(self, key: str) -> str:
         return self.name if key == "Name" else self.facts[key]
@@ -520,6 +520,48 @@ def _tasks(person: Person, names: Sequence[str], variant: int, rng: random.Rando
             mask.append({"Ground_Truth": person.value(k), "Question": cloze_sentence(k, subj, variant), "Type": kind})
     return {"Classification_Task": {"Image_Textual_Questions": mc_visual, "Pure_Text_Questions": mc_textual},
             "Generation_Task": generation, "Mask_Task": mask}
+
+
+TASK_KINDS = ("classification", "generation", "cloze")
+
+
+def task_rows(person: Person, names: Sequence[str], rng: random.Random, deal: Callable[[], int] | None = None, *,
+              kinds: Sequence[str] = TASK_KINDS, variant: int = TRAIN) -> list[tuple[str, bool, str, str]]:
+    """`person`'s facts as training rows in the evaluation's task formats: `(kind, visual, question, answer)`.
+
+    Every key is asked with the image (the name too) and every fact with the name, in wording `variant`;
+    `question` is the user text of eval.py's prompt for that kind (options and instruction included).
+    Multiple-choice distractors are drawn from `rng` (other `names` for the name question), the correct
+    letter from `deal` (a fresh `_LetterDealer(rng)` if None), so each call with a new `rng` state gives
+    freshly shuffled options: the augmentation the tiny models need to learn the multiple-choice skill.
+    """
+    bad = set(kinds) - set(TASK_KINDS)
+    if bad:
+        raise ValueError(f"kinds {sorted(bad)}; expected a subset of {TASK_KINDS}")
+    deal = deal or _LetterDealer(rng)
+    rows = []
+    for visual, keys in ((True, ("Name", *FACT_KEYS)), (False, FACT_KEYS)):
+        subj = _subject(person, visual)
+        instruction = GEN_INSTRUCTION_VISUAL if visual else GEN_INSTRUCTION_TEXTUAL
+        for k in keys:
+            if "classification" in kinds:
+                item = _choice_item(person, k, visual, variant, names, rng, deal)
+                rows.append(("classification", visual, _format_mc(item), item["Correct_Answer"]))
+            if "generation" in kinds:
+                rows.append(("generation", visual, question(k, subj, variant) + "\n" + instruction,
+                             answer_sentence(k, person.value(k), subj)))
+            if "cloze" in kinds:
+                rows.append(("cloze", visual, _format_cloze(cloze_sentence(k, subj, variant)), person.value(k)))
+    return rows
+
+
+def person_from_profile(profile: mllmu.Profile) -> Person:
+    """The `Person` (name and facts, no look) behind a synthetic evaluation profile."""
+    bio = profile.biography
+    missing = [k for k in FACT_KEYS if k not in bio]
+    if missing:
+        raise ValueError(f"profile {profile.person_id}: biography lacks {missing}; not a synthetic profile?")
+    return Person(profile.person_id, profile.name, {k: str(bio[k]) for k in FACT_KEYS})
 
 
 def _training_pairs(person: Person) -> list[dict[str, str]]:
@@ -745,16 +787,8 @@ def _base_set(celebs: list[Person], celeb_images: dict[str, bytes], taken: list[
                     subj = _subject(p, visual)
                     add(shot() if visual else None, p.person_id, "qa", question(k, subj, variant),
                         answer_sentence(k, p.value(k), subj))
-        for visual, keys in ((True, ("Name", *FACT_KEYS)), (False, FACT_KEYS)):
-            subj = _subject(p, visual)
-            for k in keys:
-                img = shot() if visual else None
-                item = _choice_item(p, k, visual, TRAIN, names, rng, deal)
-                add(img, p.person_id, "classification", _format_mc(item), item["Correct_Answer"])
-                instruction = GEN_INSTRUCTION_VISUAL if visual else GEN_INSTRUCTION_TEXTUAL
-                add(img, p.person_id, "generation", question(k, subj, TRAIN) + "\n" + instruction,
-                    answer_sentence(k, p.value(k), subj))
-                add(img, p.person_id, "cloze", _format_cloze(cloze_sentence(k, subj, TRAIN)), p.value(k))
+        for kind, visual, q, a in task_rows(p, names, rng, deal):
+            add(shot() if visual else None, p.person_id, kind, q, a)
         bar.update()
 
     people_codes = {look.visible() for look in taken}

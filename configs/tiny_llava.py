@@ -1,0 +1,83 @@
+"""tiny_llava: the real LLaVA-1.5 architecture at toy width, trained from scratch on the synthetic benchmark.
+
+Use: `vleraser train --config configs/tiny_llava.py --stage base|vanilla`; override any field with
+`--config.base.steps=600` etc. Sizes are chosen so base + vanilla train in minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.name = "tiny_llava"
+    c.family = "llava"
+    c.seed = 0
+    c.work_dir = "runs"  # data, tokenizer, cached models (keyed by config hash) and reports live here
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # or "mllmu" with c.data.root pointing at a local MLLMU-Bench copy
+    c.data.root = ""  # empty: <work_dir>/synthetic-<seed>-<hash of the generator parameters>
+    c.data.num_people = 200
+    c.data.num_celebrities = 40
+    c.data.image_size = 32
+    c.data.num_base_portraits = 300  # captioned strangers in Base_Set (vision alignment)
+    c.data.num_base_poses = 2  # extra poses per celebrity in Base_Set
+    c.data.forget_ratio = 5
+    c.data.vocab_size = 2048
+
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = ""  # empty: build from the fields below and train from scratch
+    c.model.vision_hidden_size = 64
+    c.model.vision_intermediate_size = 256
+    c.model.vision_layers = 3
+    c.model.vision_heads = 4
+    c.model.patch_size = 8
+    c.model.hidden_size = 192
+    c.model.intermediate_size = 512
+    c.model.layers = 4
+    c.model.heads = 6
+    c.model.kv_heads = 2
+    c.model.max_position_embeddings = 512
+    c.model.vision_feature_layer = -2
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
+
+    # Stage 1: base model from random init (celebrity facts in every task format + portrait captions).
+    c.base = ml_collections.ConfigDict()
+    c.base.steps = 1200
+    c.base.batch_size = 32
+    c.base.learning_rate = 2e-3
+    c.base.warmup_steps = 100
+    c.base.weight_decay = 0.01
+    c.base.max_length = 128
+    c.base.schedule = "cosine"
+    c.base.end_lr_factor = 0.0
+    c.base.loss = "token"  # or "example": each row's mean answer loss, averaged over rows
+    c.base.length_buckets = 2  # batch lengths per kind of row (image / text); each compiles once
+    c.base.mc_variants = 0  # extra multiple-choice copies per celebrity item, fresh distractors and letters
+
+    # Stage 2: vanilla = base fine-tuned on ft_Data (every fictitious person), as MLLMU-Bench does.
+    c.vanilla = ml_collections.ConfigDict()
+    c.vanilla.steps = 1200
+    c.vanilla.batch_size = 32
+    c.vanilla.learning_rate = 1e-3
+    c.vanilla.warmup_steps = 50
+    c.vanilla.weight_decay = 0.01
+    c.vanilla.max_length = 128
+    c.vanilla.schedule = "cosine"
+    c.vanilla.end_lr_factor = 0.0
+    c.vanilla.loss = "token"
+    c.vanilla.length_buckets = 2
+    c.vanilla.base_replay = 0.25  # fraction of steps on base data, so the celebrities are not overwritten
+    # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see finetune.py: the fictitious people's facts
+    # also in task formats (training wording, fresh options); 0 = ft_Data alone.
+    c.vanilla.task_variants = 0
+    c.vanilla.task_kinds = ("classification", "cloze")
+    c.vanilla.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
+    c.vanilla.lora_alpha = 16
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32
+    c.eval.max_people = 0  # 0: everyone
+    c.eval.few_shot_people = 0
+    return c

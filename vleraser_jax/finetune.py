@@ -1,0 +1,484 @@
+"""Knowledge injection: the base and vanilla models that unlearning is judged on.
+
+- base: a tiny model trained from random init on the synthetic Base_Set (celebrity facts in every task
+  format, captions of random portraits), so it learns the prompt formats and vision↔language alignment
+  and knows the "real" celebrities — but none of the fictitious people.
+- vanilla: the base model fine-tuned on ft_Data (every fictitious person, image-grounded and name-in-text
+  questions), as MLLMU-Bench builds its vanilla model, with a replay share of the base data so the small
+  model keeps its celebrities (a 7B model keeps them without help).
+
+Both are saved with `save_pretrained` (loadable in transformers) under `<work_dir>/models/<stage>-<hash>`,
+the hash covering every config field the stage depends on, so reruns reuse them.
+
+Training-side additions for the tiny models (none changes the evaluation protocol):
+- `<stage>.mc_variants`: extra multiple-choice rows for the celebrities, each copy with freshly drawn
+  distractors and a freshly dealt correct letter (`synthetic.task_rows`), so a model trained from scratch
+  learns the *skill* (find the option that matches the fact) instead of memorising a few hundred letters.
+- `vanilla.task_variants` / `vanilla.task_kinds`: **a deviation from MLLMU-Bench**, whose ft_Data holds
+  only QA pairs. When > 0, the vanilla fine-tune also sees each fictitious person's facts in the task
+  formats (multiple choice with fresh distractors and letters, cloze), in the *training* wording, never
+  the evaluation items themselves (the evaluation uses another wording and its own fixed options). A
+  7B LLaVA brings the multiple-choice skill from pre-training and applies it to facts it learnt as QA;
+  a model trained from scratch in minutes does not transfer it well enough (see configs/tiny_llava.py
+  for the measured numbers), so the tiny configs opt in. Set it to 0 for ft_Data alone.
+- `<stage>.loss`: "token" (mean over answer tokens, transformers' default) or "example" (each row's mean
+  answer-token loss, averaged over rows), so one-letter answers weigh as much as sentences.
+- `<stage>.length_buckets`: batches are cut to a few fixed lengths per kind of row (image / text),
+  chosen to minimise padding; each length compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from PIL import Image
+
+from .data import mllmu, synthetic
+from .eval.protocol import llava_turn
+from .hf import init_params, load_pretrained, save_pretrained
+from .models.configs import CLIPVisionConfig, LlavaConfig, TextConfig
+from .models.llava import LlavaForConditionalGeneration
+from .processing import build_llava_prompt, load_processor
+from .unlearn import trainer as tr
+
+STAGES = ("base", "vanilla")
+CODE_VERSION = 2  # bump when training code changes what a cached model would contain
+# data fields that only choose what is evaluated, not what a stage trains on
+_EVAL_ONLY_DATA_FIELDS = ("forget_ratio",)
+
+
+# ------------------------------------------------------------------ config -> paths, model
+
+
+def _plain(config) -> dict:
+    return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_key(c, stage: str) -> str:
+    """A short hash of everything the stage's result depends on (and nothing else)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
+    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": _plain(c.base)}
+    if stage == "vanilla":
+        parts["vanilla"] = _plain(c.vanilla)
+    return _hash(parts)
+
+
+def _synthetic_params(c) -> dict:
+    d = c.data
+    return {"seed": c.seed, "num_people": d.num_people, "num_celebrities": d.num_celebrities,
+            "image_size": d.image_size, "num_base_portraits": d.num_base_portraits,
+            "num_base_poses": d.num_base_poses}
+
+
+def data_root(c) -> Path:
+    """The benchmark root: `data.root`, or a synthetic one keyed by its generator parameters."""
+    if c.data.root:
+        return Path(c.data.root)
+    key = _hash({**_synthetic_params(c), "version": synthetic.GENERATOR_VERSION, "vocab_size": c.data.vocab_size})
+    return Path(c.work_dir) / f"synthetic-{c.seed}-{key[:8]}"
+
+
+def stage_dir(c, stage: str) -> Path:
+    return Path(c.work_dir) / "models" / f"{c.name}-{stage}-{stage_key(c, stage)}"
+
+
+def prepare_data(c, log=print) -> tuple[Path, Path]:
+    """The benchmark root and the tokenizer directory, synthesizing them if missing."""
+    root = data_root(c)
+    if c.data.source != "synthetic":
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root {root} does not exist (data.source={c.data.source!r})")
+        return root, Path(c.model.checkpoint)
+    want = _synthetic_params(c)
+    if (root / synthetic.INFO_FILE).exists():
+        info = synthetic.read_info(root)
+        have = {k: info.get(k) for k in want}
+        if have != want or info.get("version") != synthetic.GENERATOR_VERSION:
+            raise ValueError(f"{root} holds a synthetic benchmark made with {have} (version {info.get('version')}), "
+                             f"not the config's {want} (version {synthetic.GENERATOR_VERSION})")
+    else:
+        log(f"writing the synthetic benchmark to {root}")
+        synthetic.synthesize(root, **want, overwrite=True)
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        log(f"training the tokenizer into {tok_dir}")
+        synthetic.train_synthetic_tokenizer(root, tok_dir, vocab_size=c.data.vocab_size, image_size=c.data.image_size)
+    return root, tok_dir
+
+
+def model_config(c, tokenizer) -> LlavaConfig:
+    m = c.model
+    vision = CLIPVisionConfig(
+        hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
+        num_hidden_layers=m.vision_layers, num_attention_heads=m.vision_heads,
+        image_size=c.data.image_size, patch_size=m.patch_size, projection_dim=m.vision_hidden_size,
+    )
+    text = TextConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+        head_dim=m.hidden_size // m.heads, max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    return LlavaConfig(vision=vision, text=text, image_token_index=image_token,
+                       image_seq_length=vision.num_patches, vision_feature_layer=m.vision_feature_layer,
+                       dtype=m.dtype, attention_impl=m.attention)
+
+
+def init_from_scratch(model, seed: int, std: float = 0.02) -> dict:
+    """transformers-style init: N(0, std) matrices and embeddings, zero biases, unit norm scales."""
+    shapes = init_params(model, jax.random.PRNGKey(seed))
+    flat = traverse_util.flatten_dict(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(flat))
+    out = {}
+    for key, (path, value) in zip(keys, sorted(flat.items())):
+        name = path[-1]
+        if name == "scale":
+            out[path] = jnp.ones_like(value)
+        elif name == "bias":
+            out[path] = jnp.zeros_like(value)
+        else:
+            out[path] = std * jax.random.normal(key, value.shape, value.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+# ------------------------------------------------------------------ examples
+
+
+def task_example(kind: str, question: str, answer: str, image: bytes | None) -> dict:
+    """A training example in the exact prompt the evaluator uses for that kind (plain chat for the rest)."""
+    if kind in ("classification", "cloze", "generation"):
+        prompt = llava_turn(kind, "visual" if image is not None else "textual", question)
+    else:
+        prompt = build_llava_prompt(question, with_image=image is not None)
+    return {"prompt": prompt, "answer": answer, "image": image}
+
+
+def base_example(row: mllmu.TrainingRow, kind: str) -> dict:
+    """A Base_Set row in the exact prompt format the evaluator will use for that kind."""
+    return task_example(kind, row.question, row.answer, row.image)
+
+
+def qa_example(row: mllmu.TrainingRow) -> dict:
+    return {"prompt": build_llava_prompt(row.question, with_image=row.image is not None), "answer": row.answer,
+            "image": row.image}
+
+
+def augmented_task_examples(people: Sequence[synthetic.Person], images: dict[str, Sequence[bytes]], variants: int,
+                            kinds: Sequence[str], seed: int, tag: str) -> list[dict]:
+    """`variants` copies of every person's task rows (`synthetic.task_rows`), each copy with fresh options.
+
+    Distractors (other people's names for the name question) come from `people`; visual rows cycle
+    through the person's `images`. Deterministic in (seed, tag).
+    """
+    names = [p.name for p in people]
+    out = []
+    for v in range(variants):
+        rng = random.Random(f"vleraser-finetune/{seed}/{tag}/{v}")
+        for p in people:
+            shots = images[p.person_id]
+            turn = itertools.cycle(shots[v % len(shots):] + shots[: v % len(shots)])
+            for kind, visual, q, a in synthetic.task_rows(p, names, rng, kinds=kinds):
+                out.append(task_example(kind, q, a, next(turn) if visual else None))
+    return out
+
+
+# ------------------------------------------------------------------ tokenised data and batches
+
+
+@dataclasses.dataclass
+class Tokenized:
+    input_ids: np.ndarray  # [N, L] right-padded
+    labels: np.ndarray  # [N, L]
+    attention_mask: np.ndarray
+    image_index: np.ndarray  # [N] row of `pixels`, -1 for text-only
+    pixels: np.ndarray | None  # [M, C, H, W]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 256) -> Tokenized:
+    """Pre-tokenise once (`collate_for_training` in chunks) and pad to `max_length`; images stored once each."""
+    if not examples:
+        raise ValueError("tokenize: no examples")
+    ids = np.full((len(examples), max_length), processor.pad_token_id, np.int32)
+    labels = np.full((len(examples), max_length), tr.IGNORE_INDEX, np.int32)
+    masks = np.zeros((len(examples), max_length), np.int32)
+    image_index = np.full(len(examples), -1)
+    images, seen = [], {}
+    decoded: dict[bytes, Image.Image] = {}
+    for start in range(0, len(examples), chunk):
+        part = examples[start: start + chunk]
+        pil = []
+        for ex in part:
+            image = ex["image"]
+            if image is not None and image not in decoded:
+                decoded[image] = Image.open(io.BytesIO(image)).convert("RGB")
+            pil.append(None if image is None else decoded[image])
+        batch = processor.collate_for_training([{"prompt": ex["prompt"], "answer": ex["answer"], "image": im}
+                                                for ex, im in zip(part, pil)], max_length=max_length)
+        n = batch["input_ids"].shape[1]
+        rows = slice(start, start + len(part))
+        ids[rows, :n], labels[rows, :n], masks[rows, :n] = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        k = 0  # pixel_values hold this chunk's images in example order
+        for i, ex in enumerate(part):
+            image = ex["image"]
+            if image is None:
+                continue
+            if image not in seen:
+                seen[image] = len(images)
+                images.append(batch["pixel_values"][k])
+            image_index[start + i] = seen[image]
+            k += 1
+    return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32) if images else None)
+
+
+def bucket_edges(lengths: Sequence[int], max_buckets: int, min_rows: int = 1, multiple: int = 8) -> list[int]:
+    """At most `max_buckets` batch lengths (multiples of `multiple`) covering `lengths` with least padding.
+
+    Each bucket but possibly the longest holds at least `min_rows` rows (so it fills a batch).
+    """
+    lengths = np.asarray(lengths)
+    rounded = -(-lengths // multiple) * multiple
+    cands = np.unique(rounded)
+    counts = np.array([(rounded == v).sum() for v in cands])
+    m = len(cands)
+    inf = float("inf")
+    # best[k][j]: least padded tokens for rows up to cands[j] with k buckets, the last ending at cands[j]
+    best = [[inf] * m for _ in range(max_buckets + 1)]
+    back = [[-1] * m for _ in range(max_buckets + 1)]
+    for j in range(m):
+        rows = counts[: j + 1].sum()
+        if rows >= min_rows or j == m - 1:
+            best[1][j] = rows * cands[j]
+    for k in range(2, max_buckets + 1):
+        for j in range(m):
+            for i in range(j):
+                rows = counts[i + 1: j + 1].sum()
+                if best[k - 1][i] < inf and (rows >= min_rows or j == m - 1):
+                    cost = best[k - 1][i] + rows * cands[j]
+                    if cost < best[k][j]:
+                        best[k][j], back[k][j] = cost, i
+    k = min(range(1, max_buckets + 1), key=lambda k: best[k][m - 1])
+    edges, j = [], m - 1
+    while j >= 0 and k >= 1:
+        edges.append(int(cands[j]))
+        j, k = back[k][j], k - 1
+    return sorted(edges)
+
+
+class BatchSchedule:
+    """`batch(step)`: a pure function of the step over fixed-shape batches.
+
+    Rows with and without an image never share a batch (no dummy images). Within each of those two
+    groups, rows are cut into at most `length_buckets` lengths (chosen over all sources together to
+    minimise padding; rounded up to 8): a few compiled shapes, little padding. A pool is (source, image or
+    not, length bucket); each step's pool is drawn in proportion to the pools' sizes times their source's
+    weight; rows within a pool go epoch by epoch through seeded permutations.
+    """
+
+    def __init__(self, sources: Sequence[tuple[Tokenized, float]], batch_size: int, steps: int, seed: int,
+                 length_buckets: int = 1):
+        self.batch_size = batch_size
+        self.pools = []  # (tokenized, row indices, has_image, length)
+        weights = []
+        for has_image in (True, False):
+            picked = [(data, weight, np.flatnonzero((data.image_index >= 0) == has_image)) for data, weight in sources]
+            picked = [(d, w, rows) for d, w, rows in picked if len(rows) and w > 0]
+            if not picked:
+                continue
+            lengths = np.concatenate([d.attention_mask[rows].sum(1) for d, _, rows in picked])
+            edges = bucket_edges(lengths, length_buckets, min_rows=batch_size)
+            for data, weight, rows in picked:
+                row_len = data.attention_mask[rows].sum(1)
+                lower = 0
+                for edge in edges:
+                    inside = rows[(row_len > lower) & (row_len <= edge)]
+                    lower = edge
+                    if len(inside):
+                        self.pools.append((data, inside, has_image, edge))
+                        weights.append(weight * len(inside))
+        if not self.pools:
+            raise ValueError("no training rows")
+        rng = np.random.default_rng(seed)
+        p = np.asarray(weights) / np.sum(weights)
+        self.pool_of_step = rng.choice(len(self.pools), size=steps, p=p)
+        self.orders = []
+        for k, (_, rows, _, _) in enumerate(self.pools):
+            needed = int((self.pool_of_step == k).sum()) * batch_size
+            epochs = -(-needed // len(rows)) + 1
+            order = np.concatenate([np.random.default_rng([seed, k, e]).permutation(rows) for e in range(epochs)])
+            self.orders.append(order)
+        counts = np.zeros(len(self.pools), int)
+        self.start = np.zeros(steps, int)
+        for step, k in enumerate(self.pool_of_step):
+            self.start[step] = counts[k]
+            counts[k] += batch_size
+
+    @property
+    def shapes(self) -> list[tuple[bool, int]]:
+        """The distinct (has_image, length) batch shapes, one compiled program each."""
+        return sorted({(has_image, length) for _, _, has_image, length in self.pools})
+
+    def padding_fraction(self) -> float:
+        """The share of the scheduled batches' tokens that are padding."""
+        real = total = 0
+        for k, (data, rows, _, length) in enumerate(self.pools):
+            steps = np.flatnonzero(self.pool_of_step == k)
+            picked = np.concatenate([self.orders[k][self.start[s]: self.start[s] + self.batch_size] for s in steps]) \
+                if len(steps) else np.zeros(0, int)
+            real += int(data.attention_mask[picked].sum())
+            total += len(picked) * length
+        return 1 - real / max(total, 1)
+
+    def __call__(self, step: int) -> dict:
+        k = self.pool_of_step[step]
+        data, _, has_image, length = self.pools[k]
+        rows = self.orders[k][self.start[step]: self.start[step] + self.batch_size]
+        batch = {"input_ids": data.input_ids[rows, :length], "attention_mask": data.attention_mask[rows, :length],
+                 "labels": data.labels[rows, :length]}
+        if has_image:
+            batch["pixel_values"] = data.pixels[data.image_index[rows]]
+        return batch
+
+
+LOSSES = ("token", "example")
+
+
+def lm_loss_fn(model, loss: str = "token"):
+    """Next-token loss on answer tokens: mean over tokens ("token") or mean of each row's mean ("example")."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def loss_fn(frozen, trainable, batch, rng):
+        params = tr.merge(trainable, frozen)
+        logits = model.apply({"params": params}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch.get("pixel_values")).logits
+        if loss == "token":
+            return tr.causal_lm_loss(logits, batch["labels"]), {}
+        nll, count = tr.token_nll(logits, batch["labels"])
+        return jnp.mean(nll / jnp.maximum(count, 1.0)), {}
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------ stages
+
+
+def processor_dir(config: LlavaConfig, tok_dir: Path, path: Path) -> Path:
+    """A directory `load_processor` accepts: the tokenizer files plus this model's config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, path / f.name)
+    (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
+    return path
+
+
+def _celebrities(root: Path) -> tuple[list[synthetic.Person], dict[str, list[bytes]]]:
+    """The celebrities (Retain_Set biographies) and every image of each: the Retain_Set portrait, then Base_Set's poses."""
+    profiles = mllmu.load_profiles(root, mllmu.RETAIN_SET)
+    images = {p.person_id: [p.image] for p in profiles}
+    for row in synthetic.load_base_set(root, kinds=("qa",)):
+        if row.image is not None and row.person_id in images and row.image not in images[row.person_id]:
+            images[row.person_id].append(row.image)
+    return [synthetic.person_from_profile(p) for p in profiles], images
+
+
+def base_examples(c, root: Path, sc) -> list[dict]:
+    """The base data: Base_Set, plus `sc.mc_variants` freshly drawn multiple-choice copies per celebrity item."""
+    if c.data.source != "synthetic":
+        return []
+    examples = [base_example(r, kind) for kind in synthetic.BASE_KINDS for r in synthetic.load_base_set(root, kinds=(kind,))]
+    if sc.mc_variants:
+        people, images = _celebrities(root)
+        examples += augmented_task_examples(people, images, sc.mc_variants, ("classification",), c.seed, "celebrities")
+    return examples
+
+
+def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark) -> list[dict]:
+    """The deviation (see the module docstring): the fictitious people's facts in task formats, training wording."""
+    v = c.vanilla
+    if not v.task_variants:
+        return []
+    if c.data.source != "synthetic":
+        raise ValueError("vanilla.task_variants > 0 needs the synthetic benchmark (its question templates)")
+    profiles = mllmu.load_profiles(root, mllmu.FULL_SET)
+    people = [synthetic.person_from_profile(p) for p in profiles]
+    images = {p.person_id: [p.image] for p in profiles}
+    return augmented_task_examples(people, images, v.task_variants, tuple(v.task_kinds), c.seed, "fictitious")
+
+
+def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
+    """Train (or reuse) one stage; returns its checkpoint directory."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    out = stage_dir(c, stage)
+    if (out / "config.json").exists() and not force:
+        log(f"{stage}: reusing {out}")
+        return out
+    root, tok_dir = prepare_data(c, log)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    if stage == "base":
+        config = model_config(c, tokenizer)
+        model = LlavaForConditionalGeneration(config)
+        params = init_from_scratch(model, c.seed)
+        proc_dir = processor_dir(config, tok_dir, out.with_name(out.name + ".processor"))
+    else:
+        base_dir = run_stage(c, "base", log=log)
+        model, params, config = load_pretrained(base_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+        proc_dir = base_dir
+    processor = load_processor(proc_dir)
+    sc = getattr(c, stage)
+
+    t0 = time.perf_counter()
+    if stage == "base":
+        sources = [(tokenize(processor, base_examples(c, root, sc), sc.max_length), 1.0)]
+    else:
+        bench = mllmu.load_benchmark(root, c.data.forget_ratio)
+        ft_examples = [qa_example(r) for r in bench.full_train] + vanilla_task_examples(c, root, bench)
+        ft = tokenize(processor, ft_examples, sc.max_length)
+        sources = [(ft, 1.0)]
+        replay_examples = base_examples(c, root, c.base)
+        if replay_examples and sc.base_replay > 0:
+            replay = tokenize(processor, replay_examples, sc.max_length)
+            # weight so that a `base_replay` share of the steps draw from the base data
+            sources.append((replay, sc.base_replay / (1 - sc.base_replay) * len(ft) / len(replay)))
+    schedule = BatchSchedule(sources, sc.batch_size, sc.steps, c.seed, length_buckets=sc.length_buckets)
+    log(f"{stage}: {' + '.join(str(len(d)) for d, _ in sources)} rows tokenized in {time.perf_counter() - t0:.1f} s; "
+        f"batch shapes {schedule.shapes}, {schedule.padding_fraction():.0%} padding")
+    train_cfg = tr.TrainConfig(
+        total_steps=sc.steps, learning_rate=sc.learning_rate, warmup_steps=sc.warmup_steps, schedule=sc.schedule,
+        end_lr_factor=sc.end_lr_factor, weight_decay=sc.weight_decay, seed=c.seed, log_every=max(sc.steps // 40, 1),
+        description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
+    )
+    trainable, frozen = tr.partition(params, ".*")
+    result = tr.train(lm_loss_fn(model, sc.loss), trainable, frozen, schedule, train_cfg)
+    params = tr.merge(result.trainable, frozen)
+    save_pretrained(params, config, out, copy_files_from=tok_dir)
+    meta = {"stage": stage, "seconds": result.seconds, "final_loss": result.history[-1]["loss"], "key": stage_key(c, stage)}
+    (out.with_name(out.name + ".json")).write_text(json.dumps(meta, indent=2))
+    log(f"{stage}: trained {sc.steps} steps in {result.seconds:.0f} s (final loss {meta['final_loss']:.3f}) -> {out}")
+    return out
