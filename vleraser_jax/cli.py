@@ -239,11 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
     p.set_defaults(func=cmd_train)
 
-    from .unlearn.run import METHODS
+    from .unlearn.run import all_methods
 
     p = sub.add_parser("unlearn", help="unlearn the forget set from the config's vanilla model, evaluate, report")
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
-    p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=sorted(METHODS))
+    p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("sweep", help="choose VL-Eraser settings on a validation split of pseudo-forget people")

@@ -175,6 +175,40 @@ METHODS = {
 }
 
 
+def all_methods() -> list[str]:
+    from .baselines import BASELINES
+
+    return sorted(METHODS) + sorted(BASELINES)
+
+
+def _section(c, name: str) -> dict:
+    section = c.get(name) if hasattr(c, "get") else None
+    return dict(section) if section is not None else {}
+
+
+def run_method(c, method: str, model, params, processor, bench, out_dir=None, *, source_dir=None, log=print):
+    """One method by name (VL-Eraser variant or baseline) with the config's settings -> (title, params, info).
+
+    Baseline settings come from `c.baselines.<name>` (BaselineConfig fields) and their optimizer
+    basics from `c.baselines.stage` (StageOneConfig fields; absent: the 7B reference values).
+    """
+    if method in METHODS:
+        title, cfg, stage = method_config(c, method)
+        unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, out_dir,
+                                            source_dir=source_dir, log=log)
+        return title, unlearned, info
+    from .baselines import BASELINES, baseline_config, reference_stage, unlearn_baseline
+
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
+    section = _section(c, "baselines")
+    title, settings = baseline_config(method, dict(section.get(method, {})))
+    stage = reference_stage(method, **{**dict(section.get("stage", {})), "seed": c.seed})
+    unlearned, info = unlearn_baseline(
+        model, params, processor, bench, method, settings, stage, out_dir, source_dir=source_dir, log=log)
+    return title, unlearned, info
+
+
 def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, StageOneConfig]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
@@ -218,10 +252,10 @@ def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
         write_report(report_dir, "Vanilla", result.results, meta)
     timings = {}
     for method in methods:
-        title, cfg, stage = method_config(c, method)
-        log(f"== {title}")
+        log(f"== {method}")
         out = report_dir / "runs" / method
-        unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, out, source_dir=vanilla_dir, log=log)
+        title, unlearned, info = run_method(c, method, model, params, processor, bench, out,
+                                            source_dir=vanilla_dir, log=log)
         result = evaluate(model, unlearned, processor, bench, ecfg)
         timings[title] = {k: v for k, v in info.items() if k.endswith("_seconds")}
         write_report(report_dir, title, result.results, {**meta, "timings_s": timings})
