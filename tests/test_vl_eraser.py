@@ -83,7 +83,7 @@ def test_threshold_modes_and_dense_storage(setup):
     _, by_rank = vacuum.projector_from_moment(c, mode="rank", rank=60)
     assert by_rank["retained_rank"] == 60 and by_rank["stored"] == "dense"  # 60 >= 96/2
     _, none_kept = vacuum.projector_from_moment(c, threshold=1e9, mode="absolute")
-    assert none_kept["retained_rank"] == 0 and none_kept["null_dim"] == 96
+    assert none_kept["retained_rank"] == 0 and none_kept["null_dim"] == 96 and none_kept["stored"] == "identity"
     with pytest.raises(ValueError, match="rank"):
         vacuum.projector_from_moment(c, mode="rank")
 

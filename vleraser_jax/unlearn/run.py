@@ -106,11 +106,14 @@ def unlearn_vl_eraser(
         projectors, report = vacuum.build_projectors(moments, cfg.threshold, cfg.threshold_mode, cfg.retained_rank)
         if cfg.layers is not None:
             keep = {f"layers_{i}" for i in cfg.layers}
-            projectors = {"llm": {k: v for k, v in projectors["llm"].items() if k in keep}}
+            projectors = {"llm": {k: v for k, v in projectors.get("llm", {}).items() if k in keep}}
         info["projector_seconds"] = time.perf_counter() - t0
         info["projector_vectors"] = n
         info["projector_report"] = [dataclasses.asdict(r) for r in report]
         log(f"vacuum projector from {n} retain images in {info['projector_seconds']:.1f} s\n" + vacuum.format_report(report))
+        if all(r.stored == "identity" for r in report):
+            log(f"warning: no retain direction passes the {cfg.threshold_mode} threshold {cfg.threshold}: the "
+                "projector is the identity (as with vacuum=False); lower the threshold or use threshold_mode='rank'")
     rows = list(forget_rows if forget_rows is not None else bench.forget_train)
     if not rows:
         raise ValueError("the forget set has no training rows")

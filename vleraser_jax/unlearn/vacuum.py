@@ -4,7 +4,8 @@ Per LM block l, stream the retain set's FFN keys h at image-token positions, acc
 second moment C = (1/N) Σ h hᵀ in f32 (per image mean-pooled keys by default, or every image token),
 eigendecompose it, and keep the eigenvectors whose eigenvalue passes the threshold: U_r spans what the
 retain images use. The projector onto the rest (the left null space, the "vacuum") is P = I − U_r U_rᵀ,
-stored compactly as {"basis": U_r} when U_r has fewer than F/2 columns, else densely as {"dense": P}.
+stored compactly as {"basis": U_r} when U_r has fewer than F/2 columns, else densely as {"dense": P};
+a block whose retain keys pass no threshold gets no entry (P = I).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class LayerReport:
     null_dim: int
     top_eigenvalue: float
     threshold: float
-    stored: str  # "basis" or "dense"
+    stored: str  # "basis", "dense" or "identity" (nothing retained)
     bytes: int
 
 
@@ -114,7 +115,9 @@ def projector_from_moment(c: np.ndarray, threshold: float = 2e-2, mode: str = "a
         cut = float(eigvals[f - rank]) if rank else float("inf")
     basis = eigvecs[:, keep].astype(dtype)
     k = basis.shape[1]
-    if k < f / 2:
+    if k == 0:  # nothing retained: P = I, i.e. no projector entry at all
+        projector, stored = {}, "identity"
+    elif k < f / 2:
         projector, stored = {"basis": jnp.asarray(basis)}, "basis"
     else:
         projector, stored = {"dense": jnp.asarray(np.eye(f, dtype=dtype) - basis @ basis.T)}, "dense"

@@ -1,0 +1,42 @@
+"""The whole pipeline on a micro config: synthetic data -> base -> vanilla -> VL-Eraser + a baseline -> report.
+
+Marked slow (XLA compiles dominate); CI runs it through `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vleraser_jax.config import load_config
+from vleraser_jax.finetune import run_stage, stage_dir
+from vleraser_jax.unlearn.run import run_experiment
+
+MICRO = [
+    "--config.data.num_people=20", "--config.data.num_celebrities=4", "--config.data.image_size=16",
+    "--config.model.patch_size=8", "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.layers=2", "--config.model.heads=2", "--config.model.kv_heads=1",
+    "--config.model.vision_hidden_size=16", "--config.model.vision_intermediate_size=32",
+    "--config.model.vision_layers=2", "--config.model.vision_heads=2",
+    "--config.base.steps=3", "--config.base.batch_size=4", "--config.vanilla.steps=3", "--config.vanilla.batch_size=4",
+    "--config.eval.max_people=1", "--config.eval.batch_size=8",
+]
+
+
+@pytest.mark.slow
+def test_micro_pipeline_end_to_end(tmp_path):
+    c = load_config("configs/tiny_llava.py", MICRO + [f"--config.work_dir={tmp_path}"])
+    c.vl_eraser = {"steps": 2, "batch_size": 4, "rank": 2}
+    c.baselines = {"stage": {"batch_size": 8, "learning_rate": 1e-4}}
+    report_dir = run_experiment(c, ["vl_eraser", "ga"], log=lambda *_: None)
+    methods = json.loads((report_dir / "results.json").read_text())["methods"]
+    assert list(methods) == ["Vanilla", "VL-Eraser", "GA"]
+    for results in methods.values():
+        assert set(results) == {"forget", "test", "retain", "real"}
+    assert (report_dir / "runs" / "vl_eraser" / "model" / "config.json").exists()
+    assert (report_dir / "runs" / "vl_eraser" / "artifacts" / "meta.json").exists()
+    # the cached stages are reused, not retrained
+    before = stage_dir(c, "vanilla").stat().st_mtime
+    assert run_stage(c, "vanilla", log=lambda *_: None) == stage_dir(c, "vanilla")
+    assert stage_dir(c, "vanilla").stat().st_mtime == before
