@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all clean
+.PHONY: install demo test test-slow test-all clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## The main job: synthetic benchmark -> base -> vanilla -> unlearning methods -> evaluation -> report
+## (cached stages are reused; the report lands in runs/reports/).
+demo: $(STAMP)
+	$(VENV)/bin/vleraser demo
 
 ## The test suite (a few minutes on 2 CPU cores).
 test: $(STAMP)

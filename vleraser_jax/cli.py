@@ -192,6 +192,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+DEMO_METHODS = ["vl_eraser", "vl_eraser_no_vacuum", "vl_eraser_no_distill", "vl_eraser_no_ce",
+                "ga", "gd", "kl", "npo", "mmunlearner"]
+
+
+def cmd_demo(args) -> int:
+    import time
+    from pathlib import Path
+
+    from .config import load_config
+    from .unlearn.run import run_experiment
+
+    config = Path(args.config or Path(__file__).resolve().parent.parent / "configs" / f"{args.backbone}.py")
+    overrides = list(args.overrides) + [f"--config.data.forget_ratio={args.forget_ratio}"]
+    c = load_config(config, overrides)
+    start = time.perf_counter()
+    print(f"demo: {c.name}, forget {c.data.forget_ratio}%, methods {', '.join(args.method)} (work dir {c.work_dir})")
+    report = run_experiment(c, args.method)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s\n")
+    print((report / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .unlearn.run import all_methods
+
+    p = sub.add_parser("demo", help="the whole pipeline on the synthetic benchmark: data, base, vanilla, "
+                                    "VL-Eraser + ablations + baselines, evaluation, report")
+    p.add_argument("--backbone", default="tiny_llava", choices=["tiny_llava"])
+    p.add_argument("--config", help="a config file instead of configs/<backbone>.py")
+    p.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
+    p.add_argument("--method", nargs="+", default=DEMO_METHODS, choices=all_methods())
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("unlearn", help="unlearn the forget set from the config's vanilla model, evaluate, report")
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
