@@ -165,6 +165,14 @@ def train_qwen2_vl_tokenizer(
 # ----------------------------------------------------------------------------- images
 
 
+def _write_preprocessor_config(out_dir: str | os.PathLike, cfg: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PREPROCESSOR_CONFIG
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def write_image_processor_config(
     out_dir: str | os.PathLike,
     image_size: int,
@@ -197,11 +205,7 @@ def write_image_processor_config(
         "image_std": [float(x) for x in image_std],
         "do_convert_rgb": True,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / PREPROCESSOR_CONFIG
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return path
+    return _write_preprocessor_config(out_dir, cfg)
 
 
 def write_qwen2_vl_image_processor_config(
@@ -243,11 +247,7 @@ def write_qwen2_vl_image_processor_config(
         "temporal_patch_size": int(temporal_patch_size),
         "merge_size": int(merge_size),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / PREPROCESSOR_CONFIG
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return path
+    return _write_preprocessor_config(out_dir, cfg)
 
 
 # ----------------------------------------------------------------------------- prompts
