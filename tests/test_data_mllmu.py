@@ -256,6 +256,33 @@ def _remove(config):
     return edit
 
 
+def _missing_image(config, pid):
+    """An image struct that only names a file (not embedded), written as-is (datasets would try to embed it)."""
+    def edit(tables, features):
+        _set(config, pid, "image", {"bytes": None, "path": "data/003.png"})(tables, features)
+        features[config] = None
+    return edit
+
+
+def _empty_retain(tables, features):
+    tables["retain_95"] = []
+
+
+def _no_qa_pairs(pid):
+    """ft_Data keeps the person, but only with entries the loader skips (data_split.py's Additional_*)."""
+    def edit(tables, features):
+        for row in tables["ft_Data"]:
+            if row["ID"] == pid:
+                row["metadata"] = json.dumps([{"Additional_ID": pid, "Additional_question": "Q?",
+                                               "Additional_answer": "A."}])
+    return edit
+
+
+def _no_classification(tables, features):
+    for row in tables["forget_5"]:
+        row["Classification_Task"] = {"Image_Textual_Questions": [], "Pure_Text_Questions": []}
+
+
 ERRORS = {
     "missing config folder": (_remove("Test_Set"), 5, FileNotFoundError, ["missing config folder 'Test_Set'"]),
     "missing column": (_drop_column("retain_95", "Mask_Task"), 5, M.BenchmarkFormatError,
@@ -285,7 +312,21 @@ ERRORS = {
                               ["forget_5 / retain_95", "overlap on IDs ['002']"]),
     "duplicate ID": (_duplicate_celebrity, 5, M.BenchmarkFormatError,
                      ["Retain_Set: column 'ID', ID '101' (row 2): duplicate ID"]),
-    "unavailable ratio": (None, 15, ValueError, ["forget ratio 15 is not available", "available ratios: [5, 10]"]),
+    "unavailable ratio": (None, 15, M.BenchmarkFormatError, ["forget ratio 15 is not available", "no forget_15 config",
+                                                           "available ratios: [5, 10]"]),
+    "missing image": (_missing_image("retain_95", "003"), 5, M.BenchmarkFormatError,
+                      ["retain_95: column 'image', ID '003'", "no embedded image bytes (path='data/003.png')"]),
+    "empty retain set": (_empty_retain, 5, M.BenchmarkFormatError, ["retain_95: empty retain set"]),
+    "person without cloze items": (_set("forget_5", "002", "Mask_Task", []), 5, M.BenchmarkFormatError,
+                                   ["forget_5: column 'Mask_Task', ID '002'", "no task items"]),
+    "person without generation items": (_set("Retain_Set", "102", "Generation_Task", []), 5, M.BenchmarkFormatError,
+                                        ["Retain_Set: column 'Generation_Task', ID '102'", "no task items"]),
+    "person without classification items": (_no_classification, 5, M.BenchmarkFormatError,
+                                            ["forget_5: column 'Classification_Task', ID '002'", "no task items"]),
+    "forget person without QA pairs": (_no_qa_pairs("002"), 5, M.BenchmarkFormatError,
+                                       ["ft_Data: column 'metadata'", "for forget_5 IDs ['002']"]),
+    "retain person without QA pairs": (_no_qa_pairs("004"), 5, M.BenchmarkFormatError,
+                                       ["ft_Data: column 'metadata'", "for retain_95 IDs ['004']"]),
 }
 
 
@@ -297,6 +338,16 @@ def test_validation_errors(tmp_path, case):
         M.load_benchmark(root, ratio)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+def test_an_unreadable_parquet_file_names_the_config(tmp_path, damage):
+    root = write_fixture(tmp_path)
+    file = root / "retain_95" / "train-00000-of-00001.parquet"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"PAR1 this is not a parquet file")
+    with pytest.raises(M.BenchmarkFormatError, match=r"retain_95: cannot read \['train-00000-of-00001.parquet'\]"):
+        M.load_benchmark(root, 5)
 
 
 def test_missing_root_and_bad_ratio(tmp_path):

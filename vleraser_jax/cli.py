@@ -15,6 +15,14 @@ def _offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # The libraries read these variables once, at import: when main() runs in a process that imported them
+    # already (a notebook, a test), switch their flags too.
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
 
 
 def _count(params) -> int:
@@ -315,13 +323,17 @@ def main(argv=None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in overrides) or ' '.join(unknown)}")
     args.overrides = overrides
     from .data.mllmu import BenchmarkFormatError
+    from .eval.report import ReportError
     from .hf import CheckpointError
     from .models.configs import ConfigError
+    from .unlearn.trainer import TrainingDiverged
 
+    # Our error types (and the OS's: missing files, a full disk) carry a message naming the file, tensor,
+    # config, column or ID at fault: print it on one line instead of a traceback. Anything else is a bug.
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, BenchmarkFormatError, FileNotFoundError, FileExistsError) as e:
-        print(f"vleraser: error: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError, BenchmarkFormatError, ReportError, TrainingDiverged, OSError) as e:
+        print(f"vleraser: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -6,19 +6,31 @@ words. On-disk naming variants (e.g. LLaVA's legacy `language_model.model.*`, Qw
 folded into the canonical transformers-v5 names by ordered alias rewrites before the table is consulted.
 
 Safetensors only: pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
+
+Reliability: every header is checked against its file before safetensors maps it (errors name the file
+and tensor); exports record a per-tensor SHA-256 in the safetensors metadata (`vleraser_sha256`), which
+the loader verifies, so a damaged export is refused instead of loading as a different model; exports
+are written into a temporary sibling directory and swapped into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import enum
+import errno
+import functools
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +38,6 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors ca
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from .models.configs import ConfigError, LlavaConfig, Qwen2VLConfig, load_hf_config
 
@@ -51,6 +62,145 @@ AUXILIARY_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or written; the message names the file and tensor."""
+
+
+DIGEST_KEY = "vleraser_sha256"  # safetensors metadata: JSON {tensor name: sha256 hex}, written by save_pretrained
+# Bytes per element of each safetensors dtype (the format's own list).
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_safetensors_header(file: Path) -> dict[str, str]:
+    """Check a safetensors header against its file; returns the `__metadata__` dict.
+
+    safetensors validates too, but its messages do not say which tensor is wrong; these do. Checks: the
+    header length fits the file, the header is a JSON object, each tensor has a known dtype, a shape of
+    non-negative ints and a byte span equal to shape x dtype size, and the spans tile the data exactly
+    (no gap, overlap, truncation or trailing bytes).
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file}: {size} bytes, too short for a safetensors header (truncated?)")
+            n = int.from_bytes(prefix, "little")
+            if n > min(_MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    f"{file}: header length {n} does not fit the file ({size} bytes); truncated or corrupt"
+                )
+            raw = fh.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: safetensors __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry is not an object ({info!r:.80})")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r:.40} in the header")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: header shape {shape!r:.80} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: header data_offsets {offsets!r:.80} are not [begin, end] byte offsets")
+        nbytes = math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(
+                f"{where}: the header says {dtype} {tuple(shape)} ({nbytes} bytes) but gives it "
+                f"{offsets[1] - offsets[0]} bytes (data_offsets {offsets})"
+            )
+        if offsets[1] > data_size:
+            raise CheckpointError(
+                f"{where}: its data ends at byte {offsets[1]}, but the file holds only {data_size} bytes of "
+                "tensor data (truncated?)"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} starts at data byte {begin}, expected {position} "
+                f"({'overlaps the previous tensor' if begin < position else 'a gap before it'})"
+            )
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{file}: {data_size - position} bytes after the last tensor that no header entry covers")
+    return metadata
+
+
+_NUMPY_TO_SAFETENSORS = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+    "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "int64": "I64", "uint64": "U64",
+    "float64": "F64",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
+
+    safetensors' own writer emits the metadata map in a random (Rust HashMap) order, so two exports of the
+    same parameters would differ; here the header is canonical JSON. Layout as safetensors writes it:
+    data sorted by (larger dtype first, name) to keep each tensor aligned, header padded to 8 bytes.
+    """
+    if not np.little_endian:  # the format is little-endian; so are all platforms we run on
+        raise CheckpointError("writing safetensors needs a little-endian host")
+    names = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        array = tensors[name]
+        if array.dtype.name not in _NUMPY_TO_SAFETENSORS:
+            raise CheckpointError(f"tensor {name!r}: dtype {array.dtype} has no safetensors equivalent")
+        header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
+
+
+def tensor_digest(name: str, array: np.ndarray) -> str:
+    """SHA-256 of a tensor's name, dtype, shape and bytes (what an export records and a load checks)."""
+    h = hashlib.sha256(f"{name}\0{array.dtype.name}\0{tuple(array.shape)}\0".encode())
+    h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _recorded_digests(file: Path, metadata: dict[str, str]) -> dict[str, str] | None:
+    if DIGEST_KEY not in metadata:
+        return None  # a checkpoint from elsewhere (transformers writes none)
+    try:
+        digests = json.loads(metadata[DIGEST_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: metadata {DIGEST_KEY!r} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"{file}: metadata {DIGEST_KEY!r} is not a map of tensor checksums; the file is corrupt")
+    return digests
 
 
 class Transform(enum.Enum):
@@ -324,13 +474,22 @@ _EXTRA_ARCHITECTURES: dict[str, Architecture] = {}
 
 def architecture_for(model_type: str, where: str = "config.json") -> Architecture:
     archs = {**_architectures(), **_EXTRA_ARCHITECTURES}
-    if model_type not in archs:
+    if not isinstance(model_type, str) or model_type not in archs:
         raise ConfigError(f"{where}: model_type {model_type!r} is not supported; supported: {sorted(archs)}")
     return archs[model_type]
 
 
 def expected_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Flat '/'-joined parameter path -> (shape, dtype), from an abstract init (no memory is allocated)."""
+    try:
+        hash(model)
+    except TypeError:  # an unhashable module: not cached
+        return dict(_expected_shapes.__wrapped__(model))
+    return dict(_expected_shapes(model))
+
+
+@functools.lru_cache(maxsize=32)  # modules are frozen dataclasses: equal config, equal shapes; saves a trace per load
+def _expected_shapes(model) -> dict[str, tuple[tuple[int, ...], Any]]:
     inputs = model.dummy_inputs()
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"]
     return {"/".join(k): (v.shape, v.dtype) for k, v in traverse_util.flatten_dict(abstract).items()}
@@ -348,7 +507,12 @@ def _weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+        if outside:  # a shard path may not point outside the checkpoint directory
+            raise CheckpointError(f"{index}: shard names must be plain file names in {directory}, got {outside[:5]}")
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
@@ -370,12 +534,21 @@ def _weight_files(directory: Path) -> list[Path]:
 def load_config(path, **runtime):
     """(Architecture, config) from a checkpoint directory's config.json."""
     directory = Path(path)
-    hf_config = load_hf_config(directory / "config.json")
-    arch = architecture_for(hf_config.get("model_type"), str(directory / "config.json"))
+    file = directory / "config.json"
+    try:
+        hf_config = load_hf_config(file)
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{file}: cannot be read as JSON text ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got a JSON {type(hf_config).__name__}")
+    arch = architecture_for(hf_config.get("model_type"), str(file))
     try:
         config = arch.config_cls.from_hf_config(hf_config, **runtime)
     except ConfigError as e:
-        raise ConfigError(f"{directory / 'config.json'}: {e}") from None
+        raise ConfigError(f"{file}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        # a field missing or of the wrong type: say which file, keep the cause for debugging
+        raise ConfigError(f"{file}: not a usable {hf_config['model_type']} config ({type(e).__name__}: {e})") from e
     return arch, config
 
 
@@ -392,17 +565,45 @@ def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, att
     runtime = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v is not None}
     arch, config = load_config(directory, **runtime)
     model = arch.model_cls(config)
-    expected = expected_shapes(model)
+    try:
+        expected = expected_shapes(model)
+    except Exception as e:  # e.g. heads that do not divide the width: the config is at fault, not the code
+        raise ConfigError(
+            f"{directory / 'config.json'}: describes a model that cannot be built ({type(e).__name__}: {e})"
+        ) from e
     flat: dict[str, np.ndarray] = {}
     unexpected: list[str] = []
     for file in _weight_files(directory):
+        digests = _recorded_digests(file, read_safetensors_header(file))
         try:
             handle = safe_open(str(file), framework="numpy")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         with handle as f:
-            for name in f.keys():
+            names = list(f.keys())
+            if digests is not None and set(digests) != set(names):
+                extra, lost = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
+                raise CheckpointError(
+                    f"{file}: its tensors differ from those recorded at export: not recorded {extra[:5]}, "
+                    f"recorded but absent {lost[:5]}"
+                )
+
+            def read(name):
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                if digests is not None and tensor_digest(name, tensor) != digests[name]:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} does not match the SHA-256 recorded when it was exported; "
+                        "the file was modified or corrupted"
+                    )
+                return tensor
+
+            for name in names:
                 if arch.table.is_ignored(name):
+                    if digests is not None:
+                        read(name)
                     continue
                 mapped = arch.table.to_flax_path(name)
                 if mapped is None:
@@ -411,15 +612,18 @@ def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, att
                 flax_path, transform = mapped
                 if flax_path not in expected:
                     if flax_path.endswith("lm_head/kernel") and config.text.tie_word_embeddings:
+                        if digests is not None:
+                            read(name)
                         continue  # tied: the head is the embedding, a stored copy is redundant
                     unexpected.append(f"{name} (in {file.name})")
                     continue
                 if flax_path in flat:
                     raise CheckpointError(f"{file}: tensor {name!r} maps to {flax_path!r}, which was already loaded")
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                tensor = read(name)
+                if not jnp.issubdtype(tensor.dtype, jnp.floating):
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has dtype {tensor.dtype}; parameters are floating point"
+                    )
                 value = transform.to_flax(tensor)
                 shape, _ = expected[flax_path]
                 disk_shape = arch.torch_shape(config, flax_path)
@@ -462,11 +666,48 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # old kernel or a filesystem without exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root, so a rename never publishes data still in flight."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
 def _replace_directory(tmp: Path, target: Path) -> None:
-    """Move a fully written tmp dir onto target; the previous target survives until the swap succeeds."""
+    """Move a fully written tmp dir onto target. With RENAME_EXCHANGE the target path always holds either
+    the old or the new directory; otherwise there is a window of two renames, and the old one is restored if
+    the second fails."""
+    if target.exists() and target.is_dir() and _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
+        return
     backup = None
     if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, backup)
     try:
         os.replace(tmp, target)
@@ -476,6 +717,24 @@ def _replace_directory(tmp: Path, target: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `target` to write into; when the block succeeds it is flushed
+    to disk and swapped in for `target`; when it fails (a full disk included) it is deleted and `target`,
+    if it existed, is left exactly as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        _replace_directory(tmp, target)
+        fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_pretrained(
@@ -522,44 +781,45 @@ def save_pretrained(
             raise CheckpointError(f"refusing to export {flax_path!r} ({name}): it contains NaN or Inf")
         tensors[name] = np.ascontiguousarray(transform.to_torch(array, arch.torch_shape(config, flax_path)))
 
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    hf_config = config.to_hf_config()
+    if dtype is not None:
+        hf_config["dtype"] = np.dtype(dtype).name
+
+    def shard_metadata(shard):
+        return {"format": "pt", DIGEST_KEY: json.dumps({n: tensor_digest(n, t) for n, t in sorted(shard.items())})}
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        limit = _parse_size(max_shard_size)
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name in sorted(tensors):
-            nbytes = tensors[name].nbytes
-            if shards[-1] and size + nbytes > limit:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensors[name]
-            size += nbytes
-        metadata = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
-        else:
-            weight_map = {}
-            for k, shard in enumerate(shards, 1):
-                file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata=metadata)
-                weight_map.update({name: file for name in shard})
-            total = sum(t.nbytes for t in tensors.values())
-            (tmp / INDEX_NAME).write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            )
-        hf_config = config.to_hf_config()
-        if dtype is not None:
-            hf_config["dtype"] = np.dtype(dtype).name
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        if copy_files_from is not None:
-            for fname in AUXILIARY_FILES:
-                src = Path(copy_files_from) / fname
-                if src.exists():
-                    shutil.copy2(src, tmp / fname)
-        _replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target) as tmp:
+            if len(shards) == 1:
+                write_safetensors(tmp / WEIGHTS_NAME, shards[0], shard_metadata(shards[0]))
+            else:
+                weight_map = {}
+                for k, shard in enumerate(shards, 1):
+                    file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                    write_safetensors(tmp / file, shard, shard_metadata(shard))
+                    weight_map.update({name: file for name in shard})
+                total = sum(t.nbytes for t in tensors.values())
+                (tmp / INDEX_NAME).write_text(
+                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+                )
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+            if copy_files_from is not None:
+                for fname in AUXILIARY_FILES:
+                    src = Path(copy_files_from) / fname
+                    if src.exists():
+                        shutil.copy2(src, tmp / fname)
+    except OSError as e:  # e.g. a full disk: say what survived
+        previous = "the previous one is unchanged" if target.exists() else "nothing was written"
+        raise CheckpointError(f"{target}: export failed ({e}); {previous}") from e
     return target

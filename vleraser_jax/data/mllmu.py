@@ -33,7 +33,9 @@ Choices, where the reference leaves room:
 - `Correct_Answer` is compared after stripping whitespace; `Options` must be exactly A, B, C, D
   (eval.py's few-shot prompt indexes all four). `Type` must be "Image_Textual" or "Pure_Text".
 - Errors: a missing folder raises FileNotFoundError, anything else `BenchmarkFormatError` (a
-  ValueError); messages name the config, column, ID and row.
+  ValueError); messages name the config, column, ID and row. Refused rather than silently skipped: an
+  empty forget or retain set, forget/retain overlap, a person with no items in a task column, a forget or
+  retain person without training QA pairs, a forget ratio the copy does not have.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should repl
 
 
 class BenchmarkFormatError(ValueError):
-    """A config breaks the MLLMU-Bench schema; the message names config, column and ID."""
+    """A config breaks the MLLMU-Bench schema (or lacks what a request needs); the message names config,
+    column and ID."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +428,12 @@ def load_profiles(
         else:
             raise where.error("biography", "column absent and no other config gives this person's biography")
         visual_mc, textual_mc = _classification(row["Classification_Task"], where)
+        generation = _open_items(row["Generation_Task"], where, "Generation_Task")
+        cloze = _open_items(row["Mask_Task"], where, "Mask_Task")
+        for column, items in (("Classification_Task", visual_mc + textual_mc), ("Generation_Task", generation),
+                              ("Mask_Task", cloze)):
+            if not items:  # the person would silently drop out of that task's scores
+                raise where.error(column, "no task items for this person")
         out.append(
             Profile(
                 person_id=pid,
@@ -433,8 +442,8 @@ def load_profiles(
                 biography=bio,
                 visual_mc=visual_mc,
                 textual_mc=textual_mc,
-                generation=_open_items(row["Generation_Task"], where, "Generation_Task"),
-                cloze=_open_items(row["Mask_Task"], where, "Mask_Task"),
+                generation=generation,
+                cloze=cloze,
                 extra_images=tuple(encoded[1:]),
             )
         )
@@ -498,10 +507,10 @@ def load_benchmark(
     if not base.is_dir():
         raise FileNotFoundError(f"benchmark root {base} does not exist")
     if isinstance(forget_ratio, bool) or not isinstance(forget_ratio, int) or not 0 < forget_ratio < 100:
-        raise ValueError(f"forget_ratio={forget_ratio!r}; expected an integer percentage in 1..99")
+        raise BenchmarkFormatError(f"forget_ratio={forget_ratio!r}; expected an integer percentage in 1..99")
     ratios = available_forget_ratios(base)
     if forget_ratio not in ratios:
-        raise ValueError(
+        raise BenchmarkFormatError(
             f"forget ratio {forget_ratio} is not available under {base}: no {forget_config(forget_ratio)} "
             f"config (available ratios: {list(ratios)})"
         )
@@ -515,6 +524,8 @@ def load_benchmark(
     if not forget:
         raise BenchmarkFormatError(f"{f_cfg}: empty forget set (no rows)")
     retain = load_profiles(base, r_cfg, **kw)
+    if not retain:
+        raise BenchmarkFormatError(f"{r_cfg}: empty retain set (no rows)")
     forget_ids = [p.person_id for p in forget]
     retain_ids = {p.person_id for p in retain}
     overlap = [pid for pid in forget_ids if pid in retain_ids]
@@ -535,6 +546,9 @@ def load_benchmark(
         absent = [p.person_id for p in profiles if p.person_id not in train]
         if absent:
             raise BenchmarkFormatError(f"{FT_DATA}: column 'ID': no training rows for {name} IDs {absent}")
+        empty = [p.person_id for p in profiles if not train[p.person_id]]
+        if empty:  # nothing to unlearn (forget) or to keep (retain) for them
+            raise BenchmarkFormatError(f"{FT_DATA}: column 'metadata': no question/answer pairs for {name} IDs {empty}")
         return tuple(r for p in profiles for r in train[p.person_id])
 
     return Benchmark(

@@ -2,7 +2,8 @@
 
 `results.json` maps method -> set -> mode -> metric -> {value, ci_low, ci_high, n}. Each method is added
 (or replaced) on its own, so later stages and issues write into the same report; every write rebuilds
-the table and plots from the whole file and lands atomically.
+the table and plots from the whole file. All files of one write are rendered into a temporary directory
+first, so a failure (a full disk included) leaves the previous report as it was.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,26 +23,25 @@ TABLE_METRICS = (("classification", "Class. acc %"), ("rougeL", "Gen. ROUGE-L"),
 PERCENT_METRICS = {"classification", "classification_loglik", "cloze"}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class ReportError(ValueError):
+    """A report that cannot be read or written; the message names the file."""
 
 
 def load_results(out_dir) -> dict:
     path = Path(out_dir) / "results.json"
     if not path.exists():
         return {}
+    return _read_results(path)["methods"]
+
+
+def _read_results(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())["methods"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}: not a results file written by this project ({e})") from None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not a results file written by this project ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
+        raise ReportError(f"{path}: not a results file written by this project (no 'methods' object)")
+    return data
 
 
 def fmt(entry: Mapping[str, Any] | None, metric: str) -> str:
@@ -159,23 +160,75 @@ def plot_sets(methods: Mapping[str, Any], path: Path, metric: str = "classificat
     os.replace(tmp, path)
 
 
-def write_report(out_dir, method: str, results: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Add (or replace) one method's results, then rewrite results.json, report.md and the plots."""
+def _publish(staged: Path, out: Path, names: list[str]) -> None:
+    """Move fully written files from `staged` into `out` (same filesystem: each move is one rename).
+
+    results.json goes last: it is the source every write rebuilds from, so even a crash between renames
+    leaves a report that the next write makes whole again.
+    """
+    from ..hf import fsync_path, fsync_tree
+
+    fsync_tree(staged)
+    for name in sorted(names, key=lambda n: n == "results.json"):
+        os.replace(staged / name, out / name)
+    fsync_path(out)
+
+
+def write_report(
+    out_dir,
+    method: str,
+    results: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> dict[str, Path]:
+    """Add (or replace) one method's results, then rewrite results.json, report.md and the plots.
+
+    extra_files: more files of this write (name -> bytes, e.g. predictions), published with the rest.
+    Everything is rendered into a temporary directory first; a failure leaves `out_dir` as it was (or
+    absent, if it did not exist) and no temporary files behind.
+    """
+    from ..hf import atomic_directory
+
     out = Path(out_dir)
-    methods = load_results(out)
-    methods[method] = results
-    stored_meta = {}
     path = out / "results.json"
-    if path.exists():
-        stored_meta = json.loads(path.read_text()).get("meta", {})
+    stored = _read_results(path) if path.exists() else {"meta": {}, "methods": {}}
+    methods = dict(stored["methods"])
+    methods[method] = results
+    stored_meta = dict(stored.get("meta") or {})
     stored_meta.update(meta or {})
-    _atomic_write(path, json.dumps({"meta": stored_meta, "methods": methods}, indent=2).encode())
-    _atomic_write(out / "report.md", render_markdown(methods, stored_meta).encode())
-    files = {"results": path, "markdown": out / "report.md"}
-    plot_forget_vs_retain(methods, out / "forget_vs_retain.png")
-    files["forget_vs_retain"] = out / "forget_vs_retain.png"
-    for mode in MODE_TITLES:
-        if any(mode in s for r in methods.values() for s in r.values()):
-            plot_sets(methods, out / f"sets_{mode}.png", mode=mode)
-            files[f"sets_{mode}"] = out / f"sets_{mode}.png"
+
+    def render(stage: Path) -> list[str]:
+        (stage / "results.json").write_text(json.dumps({"meta": stored_meta, "methods": methods}, indent=2))
+        (stage / "report.md").write_text(render_markdown(methods, stored_meta))
+        names = ["results.json", "report.md", "forget_vs_retain.png"]
+        plot_forget_vs_retain(methods, stage / "forget_vs_retain.png")
+        for mode in MODE_TITLES:
+            if any(mode in s for r in methods.values() for s in r.values()):
+                plot_sets(methods, stage / f"sets_{mode}.png", mode=mode)
+                names.append(f"sets_{mode}.png")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (".", ".."):
+                raise ReportError(f"extra report file {name!r}: expected a plain file name")
+            (stage / name).write_bytes(data)
+            names.append(name)
+        return names
+
+    existed = out.exists()
+    try:
+        if not existed:  # a new report directory appears whole, in one rename
+            with atomic_directory(out) as stage:
+                names = render(stage)
+        else:
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            try:
+                names = render(stage)
+                _publish(stage, out, names)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    except OSError as e:  # e.g. a full disk
+        kept = "the previous report files are unchanged" if existed else "nothing was written"
+        raise ReportError(f"{out}: writing the report failed ({e}); {kept}") from e
+    files = {"results": path, "markdown": out / "report.md", "forget_vs_retain": out / "forget_vs_retain.png"}
+    files.update({n[:-4]: out / n for n in names if n.startswith("sets_")})
+    files.update({n: out / n for n in (extra_files or {})})
     return files

@@ -57,23 +57,51 @@ def retain_image_batches(processor, rows: Sequence[mllmu.TrainingRow], batch_siz
 
 
 def save_artifacts(path: Path, lora, projectors, meta: dict) -> None:
-    """LoRA and projectors as an orbax checkpoint (restorable with `load_artifacts`), meta as JSON."""
+    """LoRA and projectors as an orbax checkpoint (restorable with `load_artifacts`), meta as JSON.
+
+    Written into a temporary sibling directory and swapped into place: a failure (a full disk included)
+    leaves any previous artifacts at `path` intact and no partial directory.
+    """
     import orbax.checkpoint as ocp
+
+    from ..hf import CheckpointError, atomic_directory
 
     path = Path(path).absolute()
     tree = {"lora": lora, "vacuum": projectors if projectors is not None else {}}
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path / "state", tree, force=True)
-    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    try:
+        with atomic_directory(path) as tmp:
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(tmp / "state", tree)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    except (OSError, ValueError) as e:  # orbax reports write failures as either
+        previous = "the previous artifacts are unchanged" if path.exists() else "nothing was written"
+        raise CheckpointError(f"{path}: writing the artifacts failed ({e}); {previous}") from e
 
 
 def load_artifacts(path: Path) -> tuple[dict, dict | None, dict]:
+    """(lora, projectors or None, meta) as `save_artifacts` wrote them; CheckpointError names what is wrong."""
     import orbax.checkpoint as ocp
 
+    from ..hf import CheckpointError
+
     path = Path(path).absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.restore(path / "state")
-    meta = json.loads((path / "meta.json").read_text())
+    for required in (path / "state", path / "meta.json"):
+        if not required.exists():
+            raise CheckpointError(f"{path}: not an artifacts directory written by save_artifacts (no {required.name})")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({e})") from None
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.restore(path / "state")
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(
+            f"{path / 'state'}: cannot restore the LoRA/projector checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    if not isinstance(tree, dict) or "lora" not in tree or "vacuum" not in tree:
+        found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise CheckpointError(f"{path / 'state'}: expected 'lora' and 'vacuum' trees, got {found}")
     return tree["lora"], (tree["vacuum"] or None), meta
 
 
