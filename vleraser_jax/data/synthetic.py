@@ -36,9 +36,11 @@ Base_Set (ours, not MLLMU-Bench's): what the base model learns before the fictit
 Columns `image` (Image, null for text-only rows), `ID`, `kind`, `question`, `answer`; a row trains
 `question -> answer`, with the image when there is one, `question` already holding eval.py's
 options and instruction lines. Kinds: "qa" (celebrity facts in all three wordings, like a pretrained
-model knows paraphrases, with the image in several poses or with the name), "classification" /
-"generation" / "cloze" (celebrity facts in the eval task formats, training wording, fresh
-distractors), "caption" and "attribute" (descriptions of, and questions about, the drawn features of
+model knows paraphrases, with the image in several poses or with the name), "classification"
+(celebrity facts as multiple choice, training wording, fresh distractors), "generation" / "cloze"
+(celebrity facts in those eval task formats, all three wordings: the celebrities stand for world
+knowledge the base model has in every phrasing, so the Retain_Set scores measure retention), "caption"
+and "attribute" (descriptions of, and questions about, the drawn features of
 random portraits that are none of the people). `load_base_set` reads it.
 """
 
@@ -76,7 +78,7 @@ BASE_SET = "Base_Set"
 INFO_FILE = "synthetic_info.json"
 BASE_KINDS = ("qa", "classification", "generation", "cloze", "caption", "attribute")
 SPLIT_RATIOS = (5, 10, 15)  # in the order data_split.py draws them
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -787,8 +789,10 @@ def _base_set(celebs: list[Person], celeb_images: dict[str, bytes], taken: list[
                     subj = _subject(p, visual)
                     add(shot() if visual else None, p.person_id, "qa", question(k, subj, variant),
                         answer_sentence(k, p.value(k), subj))
-        for kind, visual, q, a in task_rows(p, names, rng, deal):
-            add(shot() if visual else None, p.person_id, kind, q, a)
+        for variant in (TRAIN, EVAL, TEST):  # classification in the training wording only
+            kinds = TASK_KINDS if variant == TRAIN else ("generation", "cloze")
+            for kind, visual, q, a in task_rows(p, names, rng, deal, kinds=kinds, variant=variant):
+                add(shot() if visual else None, p.person_id, kind, q, a)
         bar.update()
 
     people_codes = {look.visible() for look in taken}

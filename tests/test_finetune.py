@@ -1,0 +1,142 @@
+"""The base/vanilla machinery on a toy config: batch schedule, cache keys, cache reuse, HF export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vleraser_jax import finetune as ft
+from vleraser_jax.config import load_config
+from vleraser_jax.data import mllmu
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_llava.py"
+TOY = [
+    "data.num_people=20", "data.num_celebrities=4", "data.num_base_portraits=6", "data.num_base_poses=1",
+    "data.image_size=16", "data.vocab_size=512",
+    "model.vision_hidden_size=16", "model.vision_intermediate_size=32", "model.vision_layers=2",
+    "model.vision_heads=2", "model.patch_size=8", "model.hidden_size=32", "model.intermediate_size=64",
+    "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.max_position_embeddings=256",
+    "base.steps=3", "base.batch_size=4", "base.warmup_steps=1", "base.length_buckets=1", "base.mc_variants=1",
+    "vanilla.steps=2", "vanilla.batch_size=4", "vanilla.warmup_steps=1", "vanilla.length_buckets=1",
+    "vanilla.task_variants=1",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_datasets_cache(tmp_path_factory):
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_datasets_cache"))
+        yield
+
+
+def toy_config(work_dir: Path, *extra: str):
+    return load_config(CONFIG, [*TOY, f"work_dir={work_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A toy config with both stages trained once; (config, base dir, vanilla dir, log lines)."""
+    c = toy_config(tmp_path_factory.mktemp("work"))
+    lines: list[str] = []
+    vanilla = ft.run_stage(c, "vanilla", log=lines.append)
+    return c, ft.stage_dir(c, "base"), vanilla, lines
+
+
+def _toy_data(n_text: int, n_image: int, seed: int = 0) -> ft.Tokenized:
+    rng = np.random.default_rng(seed)
+    n = n_text + n_image
+    lengths = rng.integers(5, 30, size=n)
+    mask = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask, rng.integers(3, 50, size=(n, 32)), 0).astype(np.int32)
+    image_index = np.r_[np.full(n_text, -1), np.arange(n_image)]
+    pixels = rng.standard_normal((n_image, 3, 4, 4)).astype(np.float32)
+    return ft.Tokenized(ids, ids.copy(), mask, image_index, pixels)
+
+
+def test_batch_schedule_is_pure_and_keeps_pools_apart():
+    data, other = _toy_data(37, 23), _toy_data(11, 0, seed=1)
+    make = lambda: ft.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=3, length_buckets=2)
+    a, b = make(), make()
+    shapes = {}
+    for step in range(60):
+        x, y = a(step), b(step)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        again = a(step)  # asking twice gives the same batch
+        assert all(np.array_equal(x[k], again[k]) for k in x)
+        k = a.pool_of_step[step]
+        shapes.setdefault(k, set()).add(x["input_ids"].shape)
+        has_image = "pixel_values" in x
+        assert has_image == a.pools[k][2]
+        assert x["pixel_values"].shape[0] == 4 if has_image else True
+        # rows of one kind only: every row of an image batch has an image, none of a text batch does
+        rows = a.orders[k][a.start[step]: a.start[step] + 4]
+        source = a.pools[k][0]
+        assert ((source.image_index[rows] >= 0) == has_image).all()
+        assert (source.attention_mask[rows].sum(1) <= x["input_ids"].shape[1]).all()
+    assert all(len(s) == 1 for s in shapes.values())  # one fixed shape per pool
+    assert len(a.shapes) <= 4  # at most length_buckets lengths per kind of row
+    assert a.padding_fraction() < ft.BatchSchedule([(data, 1.0), (other, 2.0)], 4, 60, 3).padding_fraction()
+    c = ft.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=4, length_buckets=2)
+    assert any(not np.array_equal(a(s)["input_ids"], c(s)["input_ids"]) for s in range(60) if a(s)["input_ids"].shape == c(s)["input_ids"].shape)
+
+
+def test_bucket_edges_minimise_padding():
+    assert ft.bucket_edges([10, 10, 30, 31], 1) == [32]
+    assert ft.bucket_edges([10, 10, 30, 31], 2) == [16, 32]
+    assert ft.bucket_edges([10, 10, 30, 31], 2, min_rows=3) == [32]  # a bucket must fill a batch
+    assert ft.bucket_edges([7, 8, 9], 5) == [8, 16]
+
+
+def test_stage_key_tracks_only_relevant_fields(tmp_path):
+    c = toy_config(tmp_path)
+    base, vanilla = ft.stage_key(c, "base"), ft.stage_key(c, "vanilla")
+    for irrelevant in ("eval.batch_size=7", "data.forget_ratio=10", f"work_dir={tmp_path / 'elsewhere'}"):
+        d = toy_config(tmp_path, irrelevant)
+        assert (ft.stage_key(d, "base"), ft.stage_key(d, "vanilla")) == (base, vanilla), irrelevant
+    d = toy_config(tmp_path, "vanilla.steps=5")
+    assert ft.stage_key(d, "base") == base and ft.stage_key(d, "vanilla") != vanilla
+    for relevant in ("base.steps=4", "model.hidden_size=16", "data.num_people=21", "seed=1", "base.mc_variants=2"):
+        d = toy_config(tmp_path, relevant)
+        assert ft.stage_key(d, "base") != base and ft.stage_key(d, "vanilla") != vanilla, relevant
+    with pytest.raises(ValueError, match="stage"):
+        ft.stage_key(c, "pretrain")
+
+
+def test_run_stage_caches(trained):
+    c, base_dir, vanilla_dir, lines = trained
+    assert (base_dir / "config.json").exists() and (vanilla_dir / "config.json").exists()
+    assert any("base" in line and "trained" in line for line in lines)
+    again: list[str] = []
+    assert ft.run_stage(c, "vanilla", log=again.append) == vanilla_dir
+    assert again == [f"vanilla: reusing {vanilla_dir}"]
+
+
+def test_vanilla_data_deviation_is_opt_in(trained):
+    c = trained[0]
+    root = ft.data_root(c)
+    bench = mllmu.load_benchmark(root, c.data.forget_ratio)
+    rows = ft.vanilla_task_examples(c, root, bench)
+    assert len(rows) == 20 * 15 * 2  # every fictitious person: 15 items x (classification, cloze)
+    texts = {r["prompt"] for r in rows}
+    eval_questions = {it.question for p in bench.retain for it in (*p.visual_mc, *p.textual_mc)}
+    assert not any(q in t for q in eval_questions for t in texts)  # training wording, not the evaluation's
+    off = toy_config(Path(c.work_dir), "vanilla.task_variants=0")
+    assert ft.vanilla_task_examples(off, root, bench) == []
+
+
+def test_saved_model_loads_in_transformers(trained):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    _, base_dir, vanilla_dir, _ = trained
+    for path in (base_dir, vanilla_dir):
+        model, info = LlavaForConditionalGeneration.from_pretrained(str(path), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        ids = torch.tensor([[1, 5, 6, 7]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
