@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
     p.set_defaults(func=cmd_eval)
+
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -322,6 +326,9 @@ def main(argv=None) -> int:
     if len(overrides) != len(unknown) or (overrides and not hasattr(args, "config")):
         build_parser().error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in overrides) or ' '.join(unknown)}")
     args.overrides = overrides
+    from .parallel import initialize_distributed
+
+    initialize_distributed()  # multi-host launches (launch/*) only; before anything touches a device
     from .data.mllmu import BenchmarkFormatError
     from .eval.report import ReportError
     from .hf import CheckpointError

@@ -61,11 +61,7 @@ def _select(logits, rng, temperature: float, top_p: float):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "max_new_tokens", "eos_ids", "pad_token_id", "temperature", "top_p", "lora_mode"),
-)
-def _generate(
+def _generate_impl(
     model,
     variables,
     input_ids,
@@ -80,10 +76,15 @@ def _generate(
     temperature: float,
     top_p: float,
     lora_mode: str,
+    sharding=None,
 ):
     text_config = model.config.text
     b, t = input_ids.shape
     cache = init_cache(text_config, b, t + max_new_tokens, compute_dtype(model.config.dtype))
+    if sharding is not None:  # [B, S, K, H]: batch over data x fsdp, kv heads over tensor
+        shape = (b, t + max_new_tokens, text_config.num_key_value_heads, text_config.head_dim)
+        cache = jax.lax.with_sharding_constraint(
+            cache, sharding.sharding(("batch", "length", "kv_heads", "head_dim"), shape))
     mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
     # Only models with a grid input (Qwen2-VL) accept image_grid_thw; None is static under jit.
     grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
@@ -137,6 +138,29 @@ def _generate(
     return GenerateOutput(tokens=tokens, num_generated=counts, steps=steps)
 
 
+_STATIC = ("model", "max_new_tokens", "eos_ids", "pad_token_id", "temperature", "top_p", "lora_mode")
+_generate = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_generate(model, sharding, max_new_tokens, eos_ids, pad_token_id, temperature, top_p, lora_mode):
+    """`_generate` as a jit with explicit shardings: variables by the parameter rules, prompts and images
+    over `batch`, the KV cache constrained to (batch, kv heads); outputs replicated, so every process can
+    read them."""
+    static = dict(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
+                  temperature=temperature, top_p=top_p, lora_mode=lora_mode)
+
+    def fn(variables, input_ids, attention_mask, pixel_values, image_grid_thw, rng):
+        return _generate_impl(model, variables, input_ids, attention_mask, pixel_values, image_grid_thw, rng,
+                              sharding=sharding, **static)
+
+    def in_shardings(variables, input_ids, attention_mask, pixel_values, image_grid_thw, rng):
+        data = sharding.batch((input_ids, attention_mask, pixel_values, image_grid_thw))
+        return (sharding.tree(variables), *data, sharding.replicated)
+
+    return sharding.jit(fn, in_shardings, sharding.replicated)
+
+
 def generate(
     model,
     params,
@@ -152,12 +176,14 @@ def generate(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     lora_mode: str = "added",
+    sharding=None,
 ) -> GenerateOutput:
     """Greedy (temperature=0) or sampled decoding.
 
     params: the model's params, or a variables dict with extra collections (e.g. "lora", "vacuum").
     image_grid_thw: Qwen2-VL's per-image grid (from its processor), with its pixel_values.
     eos_token_id defaults to the model config's. Sampling needs an explicit `rng`.
+    sharding: a `parallel.Sharder`: the whole decode program runs sharded over its mesh.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
@@ -179,21 +205,22 @@ def generate(
     eos_ids = tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) if e is not None)
     if pad_token_id is None:
         pad_token_id = text.pad_token_id if text.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    return _generate(
-        model,
+    static = dict(max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, pad_token_id=int(pad_token_id),
+                  temperature=float(temperature), top_p=float(top_p), lora_mode=lora_mode)
+    args = (
         _as_variables(params),
         input_ids,
         jnp.asarray(attention_mask, jnp.int32),
         None if pixel_values is None else jnp.asarray(pixel_values),
         None if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32),
         jax.random.PRNGKey(0) if rng is None else rng,
-        max_new_tokens=int(max_new_tokens),
-        eos_ids=eos_ids,
-        pad_token_id=int(pad_token_id),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        lora_mode=lora_mode,
     )
+    if sharding is not None:  # host arrays go straight to their shards (each process copies its own)
+        host = lambda x, dtype=None: None if x is None else np.asarray(x, dtype)
+        args = (args[0], host(input_ids, np.int32), host(attention_mask, np.int32), host(pixel_values),
+                host(image_grid_thw, np.int32), args[5])
+        return _sharded_generate(model, sharding, **static)(*args)
+    return _generate(model, *args, **static)
 
 
 def generate_batch(model, params, batch: dict, processor, **kwargs) -> GenerateOutput:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+# Rematerialisation of decoder layers under autodiff (see llama.REMAT_POLICIES): "none" keeps every activation.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -194,9 +196,10 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"
     vision_feature_layer: int | tuple[int, ...] = -2
     multimodal_projector_bias: bool = True
-    # Runtime-only (never exported): compute dtype and attention backend.
+    # Runtime-only (never exported): compute dtype, attention backend, decoder-layer remat policy.
     dtype: str = "float32"
     attention_impl: str = "reference"
+    remat: str = "none"
 
     model_type = "llava"
 
@@ -207,6 +210,8 @@ class LlavaConfig:
             )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         compute_dtype(self.dtype)
         n = self.vision.num_hidden_layers
         for layer in self.feature_layers:
@@ -387,15 +392,18 @@ class Qwen2VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    # Runtime-only (never exported): compute dtype and attention backend.
+    # Runtime-only (never exported): compute dtype, attention backend, decoder-layer remat policy.
     dtype: str = "float32"
     attention_impl: str = "reference"
+    remat: str = "none"
 
     model_type = "qwen2_vl"
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         compute_dtype(self.dtype)
         text = self.text
         if self.vision.hidden_size != text.hidden_size:

@@ -81,19 +81,37 @@ class DecoderLayer(nn.Module):
         return x + h, new_cache
 
 
+# nn.remat policies by name: what a layer keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "full": None,  # only the layer's inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not attention
+}
+
+
+def decoder_layer_class(remat: str = "none"):
+    """DecoderLayer, or its nn.remat version (same parameter names, so checkpoints are unaffected)."""
+    if remat == "none":
+        return DecoderLayer
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    # static: lora_mode (argument 7, counting self) selects code paths
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[remat], static_argnums=(7,))
+
+
 class CausalLM(nn.Module):
     """Decoder + LM head. `embed` is separate so multimodal wrappers can splice image features in."""
 
     config: TextConfig
     dtype: Any = jnp.float32
     attention_impl: str = "reference"
+    remat: str = "none"
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32)
-        self.layers = [
-            DecoderLayer(cfg, self.dtype, self.attention_impl) for _ in range(cfg.num_hidden_layers)
-        ]
+        layer = decoder_layer_class(self.remat)
+        self.layers = [layer(cfg, self.dtype, self.attention_impl) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype)

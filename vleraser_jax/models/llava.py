@@ -69,7 +69,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.projector = LlavaProjector(
             cfg.text.hidden_size, cfg.projector_hidden_act, cfg.multimodal_projector_bias, dtype
         )
-        self.llm = CausalLM(cfg.text, dtype, cfg.attention_impl)
+        self.llm = CausalLM(cfg.text, dtype, cfg.attention_impl, cfg.remat)
 
     def get_image_features(self, pixel_values):
         """pixel_values [I, C, H, W] -> (selected vision features [I, P, Dv·L], projected [I, P, D])."""

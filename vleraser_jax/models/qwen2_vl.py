@@ -88,7 +88,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         cfg = self.config
         dtype = compute_dtype(cfg.dtype)
         self.vision = Qwen2VisionTower(cfg.vision, dtype, cfg.attention_impl)
-        self.llm = CausalLM(cfg.text, dtype, cfg.attention_impl)
+        self.llm = CausalLM(cfg.text, dtype, cfg.attention_impl, cfg.remat)
 
     def get_image_features(self, pixel_values, image_grid_thw):
         """-> (vision last hidden state [N, Dv], merged image features [N / m², D]) over all images in order."""

@@ -401,15 +401,15 @@ def mmunlearner_loss_fn(adapter: Adapter, forget_alpha: float = 1.0, retain_weig
 
 
 def fisher_diagonals(model, params, batch_sets: Sequence[Sequence[dict]],
-                     module_pattern: str = lora_lib.LM_LINEARS) -> list[dict]:
+                     module_pattern: str = lora_lib.LM_LINEARS, sharding=None) -> list[dict]:
     """For each list of batches: the mean over its batches of the squared gradient of the batch's token-mean
     NLL, for the parameters of the modules matching `module_pattern` (SFRon.py's `Mask_Our`:
     Σ_b g_b² / n_batches; the sign of its −loss does not matter). f32 trees. One compiled program per
-    batch shape, shared by the sets."""
+    batch shape, shared by the sets. sharding: a `parallel.Sharder` (the sums are laid out like the
+    parameters and donated from step to step)."""
     selected, rest = select_modules(params, module_pattern)
 
-    @jax.jit
-    def accumulate(acc, sel, rest, batch):  # parameters as arguments: never baked in as constants
+    def accumulate_fn(acc, sel, rest, batch):  # parameters as arguments: never baked in as constants
         def nll(s):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = model.apply({"params": tr.merge(s, rest)}, **inputs).logits
@@ -418,11 +418,26 @@ def fisher_diagonals(model, params, batch_sets: Sequence[Sequence[dict]],
         g = jax.grad(nll)(sel)
         return jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g)
 
+    if sharding is None:
+        accumulate = jax.jit(accumulate_fn)
+    else:
+        accumulate = sharding.jit(
+            accumulate_fn,
+            lambda acc, sel, rest, batch: (sharding.tree(acc), sharding.tree(sel), sharding.tree(rest),
+                                           sharding.batch(batch)),
+            lambda acc, sel, rest, batch: sharding.tree(acc),
+            donate_argnums=(0,),
+        )
+
     out = []
     for batches in batch_sets:
         if not batches:
             raise ValueError("fisher_diagonals: a set has no batches")
-        acc = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), selected)
+        shapes = [x.shape for x in jax.tree_util.tree_leaves(selected)]
+        zeros = lambda: jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(selected), [jnp.zeros(shape, jnp.float32) for shape in shapes])
+        # sharded: each device creates only its own shard of the sums
+        acc = zeros() if sharding is None else jax.jit(zeros, out_shardings=sharding.tree(selected))()
         for batch in batches:
             acc = accumulate(acc, selected, rest, batch)
         out.append(jax.tree_util.tree_map(lambda a, n=len(batches): a / n, acc))
@@ -610,6 +625,7 @@ def unlearn_baseline(
     retain_rows: Sequence | None = None,
     progress: bool = True,
     log=print,
+    sharding=None,
 ) -> tuple[Any, dict]:
     """Run baseline `name` on `bench`; returns (unlearned params, info with timings and history).
 
@@ -618,6 +634,7 @@ def unlearn_baseline(
     when settings.epochs is None); None: `reference_stage(name)`. ref_params: NPO's reference model (e.g. a
     retain-only fine-tune; None: the vanilla `params`). The returned parameters have the input's
     structure (a LoRA is merged into the kernels); with `out_dir` they are exported with `save_pretrained`.
+    sharding: a `parallel.Sharder`: Fisher statistics and every training step run sharded over its mesh.
     """
     from ..finetune import BatchSchedule, qa_example, tokenize
     from ..hf import save_pretrained
@@ -660,7 +677,7 @@ def unlearn_baseline(
                      for rows in (fisher_f_rows, fisher_r_rows)]
         lengths = group_lengths(*datas)  # both sets share the compiled programs
         fisher = fisher_diagonals(model, params, [epoch_batches(d, cfg.fisher_batch_size, stage.seed, lengths)
-                                                  for d in datas], cfg.mask_pattern)
+                                                  for d in datas], cfg.mask_pattern, sharding)
         mask = saliency_mask(fisher[0], fisher[1], cfg.mask_threshold, cfg.mask_eps)
         jax.block_until_ready(mask)
         info["mask_seconds"] = time.perf_counter() - t0
@@ -677,7 +694,7 @@ def unlearn_baseline(
         max_grad_norm=cfg.max_grad_norm, seed=stage.seed, log_every=max(len(plan) // 20, 1),
         progress=progress, description=title,
     )
-    result = tr.train(baseline_loss_fn(adapter, cfg), trainable, frozen, batch_fn, train_cfg)
+    result = tr.train(baseline_loss_fn(adapter, cfg), trainable, frozen, batch_fn, train_cfg, sharding=sharding)
     info["train_seconds"] = result.seconds
     info["history"] = result.history
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -46,6 +46,9 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
+    # ((regex searched in the '/'-joined parameter path, factor), ...): that module's learning rate is
+    # factor x the schedule's; the first matching regex wins, unmatched parameters keep factor 1
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
     grad_accum_steps: int = 1  # optimizer updates every k micro-batches (total_steps counts micro-batches)
     seed: int = 0
     log_every: int = 10
@@ -135,6 +138,24 @@ def _decay_mask(tree):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree)
 
 
+def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiply each parameter's update by the factor of the first regex that matches its path (else 1).
+
+    Placed after AdamW, this is a per-module learning rate (decoupled weight decay scales with it).
+    """
+    compiled = [(re.compile(pattern), float(factor)) for pattern, factor in multipliers]
+
+    def factor(path) -> float:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return next((f for pattern, f in compiled if pattern.search(name)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if cfg.max_grad_norm:
@@ -142,6 +163,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     parts.append(
         optax.adamw(learning_rate_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
     )
+    if cfg.lr_multipliers:
+        parts.append(scale_by_path(cfg.lr_multipliers))
     tx = optax.chain(*parts)
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
@@ -151,8 +174,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 # ------------------------------------------------------------------ the step and the loop
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
-    """Jitted (state, frozen, batch) -> (state, metrics); the state's buffers are donated."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, sharding=None):
+    """Jitted (state, frozen, batch) -> (state, metrics); the state's buffers are donated.
+
+    sharding: a `parallel.Sharder`: the step is then jitted with explicit in/out shardings (state and
+    frozen trees by the parameter rules, the batch over the `batch` axis, metrics replicated).
+    """
 
     def step(state: TrainState, frozen, batch):
         rng, sub = jax.random.split(state.rng)
@@ -162,13 +189,38 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return TrainState(state.step + 1, trainable, opt_state, rng), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if sharding is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return sharding.jit(
+        step,
+        lambda state, frozen, batch: (state_shardings(state, sharding), sharding.tree(frozen), sharding.batch(batch)),
+        lambda state, frozen, batch: (state_shardings(state, sharding), sharding.replicated),
+        donate_argnums=(0,),
+    )
 
 
-def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    # The step donates the state's buffers; copy so the caller's arrays survive training.
-    trainable = jax.tree_util.tree_map(jnp.array, trainable)
+def state_shardings(state: TrainState, sharding) -> TrainState:
+    """A TrainState of shardings: trainable and optimizer moments by the parameter rules (optax states
+    hold copies of the trainable tree at the same path suffixes), counters and the key replicated."""
+    return TrainState(sharding.replicated, sharding.tree(state.trainable), sharding.tree(state.opt_state),
+                      sharding.replicated)
+
+
+def _fresh_state(trainable, tx, seed: int) -> TrainState:
     return TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(seed))
+
+
+def init_state(trainable, tx: optax.GradientTransformation, seed: int, sharding=None) -> TrainState:
+    """The initial state. With `sharding`, built under jit with out_shardings (each device creates only its
+    shards of the optimizer moments)."""
+    if sharding is None:
+        # The step donates the state's buffers; copy so the caller's arrays survive training.
+        trainable = jax.tree_util.tree_map(jnp.array, trainable)
+        return _fresh_state(trainable, tx, seed)
+    abstract = jax.eval_shape(lambda t: _fresh_state(t, tx, seed), trainable)
+    trainable = sharding.put(trainable, sharding.tree(trainable))
+    # jit outputs never alias undonated inputs: the caller's arrays survive the donating steps.
+    return jax.jit(lambda t: _fresh_state(t, tx, seed), out_shardings=state_shardings(abstract, sharding))(trainable)
 
 
 def _checkpoint_manager(cfg: TrainConfig):
@@ -211,21 +263,26 @@ def train(
     cfg: TrainConfig,
     *,
     stop_after: int | None = None,
+    sharding=None,
 ) -> TrainResult:
     """Run `cfg.total_steps` micro-steps (resuming from `cfg.checkpoint_dir` if it holds a checkpoint).
 
     stop_after: end early after that step *as if interrupted* (saving a checkpoint first); used to
     prove that a resumed run ends where an uninterrupted one does.
+    sharding: a `parallel.Sharder`; state, frozen tree and batches are then sharded over its mesh
+    (`batch_fn` returns the global batch, the same on every process).
     """
     tx = make_optimizer(cfg)
-    state = init_state(trainable, tx, cfg.seed)
+    state = init_state(trainable, tx, cfg.seed, sharding)
+    if sharding is not None:
+        frozen = sharding.put(frozen, sharding.tree(frozen))
     manager = _checkpoint_manager(cfg) if cfg.checkpoint_dir else None
     resumed_from = None
     if manager is not None:
         restored = _restore(manager, state)
         if restored is not None:
             state, resumed_from = restored, int(restored.step)
-    step_fn = make_train_step(loss_fn, tx)
+    step_fn = make_train_step(loss_fn, tx, sharding)
     schedule = learning_rate_schedule(cfg)
     history: list[dict] = []
     log = open(cfg.log_path, "a") if cfg.log_path else None

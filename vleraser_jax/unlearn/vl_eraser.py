@@ -117,6 +117,17 @@ def stage1_loss_fn(model, cfg: VLEraserConfig):
     return loss_fn
 
 
-def delete(params, lora, projectors=None, alpha: float = 1.0):
-    """Stage 2, a pure function: W_down ← W_down − α · scale · (B A P)ᵀ in the stored [F, D] layout."""
-    return lora_lib.merge(params, lora, projectors, sign=-alpha)
+def delete(params, lora, projectors=None, alpha: float = 1.0, sharding=None):
+    """Stage 2, a pure function: W_down ← W_down − α · scale · (B A P)ᵀ in the stored [F, D] layout.
+
+    sharding: a `parallel.Sharder`; the deletion then runs as one jit with explicit shardings, the result
+    laid out like the parameters (inputs are not donated: they stay valid).
+    """
+    if sharding is None:
+        return lora_lib.merge(params, lora, projectors, sign=-alpha)
+    fn = sharding.jit(
+        lambda p, l, pr: lora_lib.merge(p, l, pr, sign=-alpha),
+        lambda p, l, pr: (sharding.tree(p), sharding.tree(l), sharding.tree(pr)),
+        lambda p, l, pr: sharding.tree(p),
+    )
+    return fn(params, lora, projectors)
