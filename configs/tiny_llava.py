@@ -55,6 +55,10 @@ def get_config():
     c.base.loss = "token"  # or "example": each row's mean answer loss, averaged over rows
     c.base.length_buckets = 2  # batch lengths per kind of row (image / text); each compiles once
     c.base.mc_variants = 0  # extra multiple-choice copies per celebrity item, fresh distractors and letters
+    # Per-module learning rates (regex on the parameter path, factor). Measured (issue #5 notes): a
+    # from-scratch vision tower trained at the LLM's rate collapses to near-constant features, and
+    # image-grounded facts are then never learned; a slow tower and a fast projector learn them.
+    c.base.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
 
     # Stage 2: vanilla = base fine-tuned on ft_Data (every fictitious person), as MLLMU-Bench does.
     c.vanilla = ml_collections.ConfigDict()
@@ -75,6 +79,7 @@ def get_config():
     c.vanilla.task_kinds = ("classification", "cloze")
     c.vanilla.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
     c.vanilla.lora_alpha = 16
+    c.vanilla.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32

@@ -132,3 +132,20 @@ def test_trains_only_the_selected_subtree_of_a_real_model(tiny_llava_dir):
     assert set(result.trainable) == {"projector"}
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), result.trainable, trainable)
     assert min(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_lr_multipliers_scale_each_modules_update():
+    """A module with factor k moves exactly k times as far as with factor 1 (AdamW's first step is lr·sign)."""
+    params = {"vision": {"w": jnp.ones((3,))}, "llm": {"w": jnp.ones((3,))}}
+    grads = {"vision": {"w": jnp.array([1.0, -2.0, 3.0])}, "llm": {"w": jnp.array([1.0, -2.0, 3.0])}}
+
+    def moved(multipliers):
+        cfg = tr.TrainConfig(total_steps=1, learning_rate=0.1, lr_multipliers=multipliers, max_grad_norm=None)
+        tx = tr.make_optimizer(cfg)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return jax.tree_util.tree_map(np.asarray, updates)
+
+    base, scaled = moved(()), moved((("^vision/", 0.1), ("vision|llm", 3.0)))
+    np.testing.assert_allclose(scaled["vision"]["w"], 0.1 * base["vision"]["w"], rtol=1e-6)  # first match wins
+    np.testing.assert_allclose(scaled["llm"]["w"], 3.0 * base["llm"]["w"], rtol=1e-6)
+    assert np.abs(base["llm"]["w"]).min() > 0

@@ -127,9 +127,10 @@ def cmd_eval(args) -> int:
     method = args.method or f"model:{args.checkpoint}"
     meta = {"data": str(args.data), "forget_ratio": args.forget_ratio, "few_shot_people": args.few_shot,
             "letter_rule": args.letter_rule}
-    files = write_report(args.out, method, result.results, meta)
-    predictions = files["results"].parent / f"predictions_{method.replace('/', '_').replace(':', '_')}.jsonl"
-    predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
+    predictions = f"predictions_{method.replace('/', '_').replace(':', '_')}.jsonl"
+    # published together with results.json, so a failure leaves neither half-written
+    write_report(args.out, method, result.results, meta,
+                 extra_files={predictions: "".join(json.dumps(p) + "\n" for p in result.predictions).encode()})
     print(f"evaluated {result.num_prompts} prompts in {result.seconds:.1f} s")
     for mode in cfg.modes:
         print(f"\n{mode}:\n" + markdown_table({method: result.results}, mode))

@@ -476,6 +476,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     train_cfg = tr.TrainConfig(
         total_steps=sc.steps, learning_rate=sc.learning_rate, warmup_steps=sc.warmup_steps, schedule=sc.schedule,
         end_lr_factor=sc.end_lr_factor, weight_decay=sc.weight_decay, seed=c.seed, log_every=max(sc.steps // 40, 1),
+        lr_multipliers=tuple((str(pattern), float(f)) for pattern, f in sc.get("lr_multipliers", ())),
         description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
     )
     trainable, frozen = tr.partition(params, ".*")
