@@ -129,12 +129,12 @@ def cmd_eval(args) -> int:
             "letter_rule": args.letter_rule}
     predictions = f"predictions_{method.replace('/', '_').replace(':', '_')}.jsonl"
     # published together with results.json, so a failure leaves neither half-written
-    write_report(args.out, method, result.results, meta,
-                 extra_files={predictions: "".join(json.dumps(p) + "\n" for p in result.predictions).encode()})
+    files = write_report(args.out, method, result.results, meta,
+                         extra_files={predictions: "".join(json.dumps(p) + "\n" for p in result.predictions).encode()})
     print(f"evaluated {result.num_prompts} prompts in {result.seconds:.1f} s")
     for mode in cfg.modes:
         print(f"\n{mode}:\n" + markdown_table({method: result.results}, mode))
-    print(f"\nreport: {files['markdown']}  results: {files['results']}  predictions: {predictions}")
+    print(f"\nreport: {files['markdown']}  results: {files['results']}  predictions: {files['results'].parent / predictions}")
     return 0
 
 
