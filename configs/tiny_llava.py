@@ -1,7 +1,9 @@
 """tiny_llava: the real LLaVA-1.5 architecture at toy width, trained from scratch on the synthetic benchmark.
 
 Use: `vleraser train --config configs/tiny_llava.py --stage base|vanilla`; override any field with
-`--config.base.steps=600` etc. Sizes are chosen so base + vanilla train in minutes on 2 CPU cores.
+`--config.base.steps=600` etc. The defaults are the best recipe measured so far (issue #5 notes): base +
+vanilla take about 14 minutes on 2 CPU cores; the vanilla model then knows the fictitious people for cloze
+and generation (forget/retain cloze 80-90%, ROUGE-L 0.77-0.97) but multiple choice is still at chance.
 """
 
 import ml_collections
@@ -17,8 +19,8 @@ def get_config():
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # or "mllmu" with c.data.root pointing at a local MLLMU-Bench copy
     c.data.root = ""  # empty: <work_dir>/synthetic-<seed>-<hash of the generator parameters>
-    c.data.num_people = 200
-    c.data.num_celebrities = 40
+    c.data.num_people = 100  # forget_5 = 5 people; 200 needs twice the vanilla steps
+    c.data.num_celebrities = 20
     c.data.image_size = 32
     c.data.num_base_portraits = 300  # captioned strangers in Base_Set (vision alignment)
     c.data.num_base_poses = 2  # extra poses per celebrity in Base_Set
@@ -44,9 +46,9 @@ def get_config():
 
     # Stage 1: base model from random init (celebrity facts in every task format + portrait captions).
     c.base = ml_collections.ConfigDict()
-    c.base.steps = 1200
-    c.base.batch_size = 32
-    c.base.learning_rate = 2e-3
+    c.base.steps = 3000
+    c.base.batch_size = 16  # more updates per epoch: measured to memorise facts faster than 32
+    c.base.learning_rate = 5e-4  # 1e-3 and 2e-3 never learned image-grounded facts (measured)
     c.base.warmup_steps = 100
     c.base.weight_decay = 0.01
     c.base.max_length = 128
@@ -54,7 +56,7 @@ def get_config():
     c.base.end_lr_factor = 0.0
     c.base.loss = "token"  # or "example": each row's mean answer loss, averaged over rows
     c.base.length_buckets = 2  # batch lengths per kind of row (image / text); each compiles once
-    c.base.mc_variants = 0  # extra multiple-choice copies per celebrity item, fresh distractors and letters
+    c.base.mc_variants = 2  # extra multiple-choice copies per celebrity item, fresh distractors and letters
     # Per-module learning rates (regex on the parameter path, factor). Measured (issue #5 notes): a
     # from-scratch vision tower trained at the LLM's rate collapses to near-constant features, and
     # image-grounded facts are then never learned; a slow tower and a fast projector learn them.
@@ -62,9 +64,9 @@ def get_config():
 
     # Stage 2: vanilla = base fine-tuned on ft_Data (every fictitious person), as MLLMU-Bench does.
     c.vanilla = ml_collections.ConfigDict()
-    c.vanilla.steps = 1200
-    c.vanilla.batch_size = 32
-    c.vanilla.learning_rate = 1e-3
+    c.vanilla.steps = 4000
+    c.vanilla.batch_size = 16
+    c.vanilla.learning_rate = 5e-4
     c.vanilla.warmup_steps = 50
     c.vanilla.weight_decay = 0.01
     c.vanilla.max_length = 128
@@ -72,10 +74,10 @@ def get_config():
     c.vanilla.end_lr_factor = 0.0
     c.vanilla.loss = "token"
     c.vanilla.length_buckets = 2
-    c.vanilla.base_replay = 0.25  # fraction of steps on base data, so the celebrities are not overwritten
+    c.vanilla.base_replay = 0.15  # fraction of steps on base data, so the celebrities are not overwritten
     # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see finetune.py: the fictitious people's facts
     # also in task formats (training wording, fresh options); 0 = ft_Data alone.
-    c.vanilla.task_variants = 0
+    c.vanilla.task_variants = 1
     c.vanilla.task_kinds = ("classification", "cloze")
     c.vanilla.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
     c.vanilla.lora_alpha = 16
