@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -629,4 +630,6 @@ if __name__ == "__main__":
     parser.add_argument("--mesh", default=None, help="DATAxFSDPxTENSOR (default: data over every device)")
     args = parser.parse_args()
     initialize_distributed()
-    print(json.dumps(selfcheck(args.mesh)), flush=True)
+    # one write() of the whole line: processes share the pipe, and writes under PIPE_BUF never interleave
+    sys.stdout.write(json.dumps(selfcheck(args.mesh)) + "\n")
+    sys.stdout.flush()
