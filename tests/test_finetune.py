@@ -140,3 +140,24 @@ def test_saved_model_loads_in_transformers(trained):
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
+
+
+def test_a_mesh_section_trains_the_same_model(trained, tmp_path):
+    """With `c.mesh` set, the stage trains through the sharded path (here a 1-device mesh): same weights."""
+    import ml_collections
+
+    from vleraser_jax import parallel
+    from vleraser_jax.hf import load_pretrained
+
+    c0, base_dir, _, _ = trained
+    c = toy_config(tmp_path / "work")
+    with c.unlocked():
+        c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    assert parallel.sharder_for(c) is not None and parallel.sharder_for(c0) is None
+    sharded_dir = ft.run_stage(c, "base", log=lambda m: None)
+    _, ref, _ = load_pretrained(base_dir)
+    _, got, _ = load_pretrained(sharded_dir)
+    import jax
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -46,6 +46,7 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
+from . import parallel
 from .data import mllmu, synthetic
 from .eval.protocol import llava_turn
 from .hf import init_params, load_pretrained, save_pretrained
@@ -445,6 +446,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    sharding = parallel.sharder_for(c)
     if stage == "base":
         config = model_config(c, tokenizer)
         model = LlavaForConditionalGeneration(config)
@@ -452,7 +454,11 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
         proc_dir = processor_dir(config, tok_dir, out.with_name(out.name + ".processor"))
     else:
         base_dir = run_stage(c, "base", log=log)
-        model, params, config = load_pretrained(base_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+        if sharding is not None:  # each process reads only its shards of the base model
+            model, params, config = parallel.load_pretrained_sharded(base_dir, sharding, dtype=c.model.dtype,
+                                                                     attention_impl=c.model.attention)
+        else:
+            model, params, config = load_pretrained(base_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
         proc_dir = base_dir
     processor = load_processor(proc_dir)
     sc = getattr(c, stage)
@@ -480,7 +486,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
         description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
     )
     trainable, frozen = tr.partition(params, ".*")
-    result = tr.train(lm_loss_fn(model, sc.loss), trainable, frozen, schedule, train_cfg)
+    result = tr.train(lm_loss_fn(model, sc.loss), trainable, frozen, schedule, train_cfg, sharding=sharding)
     params = tr.merge(result.trainable, frozen)
     save_pretrained(params, config, out, copy_files_from=tok_dir)
     meta = {"stage": stage, "seconds": result.seconds, "final_loss": result.history[-1]["loss"], "key": stage_key(c, stage)}

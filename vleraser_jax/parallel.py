@@ -414,6 +414,12 @@ def _to_flax_region(transform, region: np.ndarray, index: tuple) -> np.ndarray:
     return transform.to_flax(region)
 
 
+def sharder_for(c) -> "Sharder | None":
+    """The pipeline's mesh: a `Sharder` when the config has a `mesh` section, else None (plain single-device jit)."""
+    section = c.get("mesh") if hasattr(c, "get") else None
+    return Sharder.from_config(c) if section else None
+
+
 def load_pretrained_sharded(path, sharder: Sharder, dtype: str | None = None, param_dtype=jnp.float32,
                             attention_impl: str | None = None, stats: dict | None = None):
     """`hf.load_pretrained`, but every tensor is read straight into its shards: each process reads, with

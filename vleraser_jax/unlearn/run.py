@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..data import mllmu
 from ..hf import save_pretrained
+from ..parallel import sharder_for
 from . import lora as lora_lib
 from . import trainer as tr
 from . import vacuum
@@ -116,9 +117,12 @@ def unlearn_vl_eraser(
     *,
     forget_rows: Sequence[mllmu.TrainingRow] | None = None,
     source_dir: Path | None = None,
+    sharding=None,
     log=print,
 ) -> tuple[Any, dict]:
     """VL-Eraser on `bench`'s forget set; returns (unlearned params, info with timings and reports).
+
+    sharding: a `parallel.Sharder`: retain statistics, stage 1 and the deletion run sharded over its mesh.
 
     forget_rows: the rows stage 1 trains on (default: the benchmark's forget training rows).
     source_dir: the model's checkpoint dir, whose tokenizer/processor files the export copies.
@@ -130,7 +134,7 @@ def unlearn_vl_eraser(
     if cfg.vacuum:
         t0 = time.perf_counter()
         batches = retain_image_batches(processor, bench.retain_train)
-        moments, n = vacuum.collect_moments(model, params, batches, cfg.pooling)
+        moments, n = vacuum.collect_moments(model, params, batches, cfg.pooling, sharding=sharding)
         projectors, report = vacuum.build_projectors(moments, cfg.threshold, cfg.threshold_mode, cfg.retained_rank)
         if cfg.layers is not None:
             keep = {f"layers_{i}" for i in cfg.layers}
@@ -153,12 +157,12 @@ def unlearn_vl_eraser(
     frozen = {"params": params, "scales": scales, "vacuum": projectors}
     train_cfg = tr.TrainConfig(total_steps=stage.steps, learning_rate=stage.learning_rate, warmup_steps=stage.warmup_steps,
                                seed=stage.seed, log_every=max(stage.steps // 20, 1), description="VL-Eraser stage 1")
-    result = tr.train(vle.stage1_loss_fn(model, cfg), trainable, frozen, schedule, train_cfg)
+    result = tr.train(vle.stage1_loss_fn(model, cfg), trainable, frozen, schedule, train_cfg, sharding=sharding)
     info["stage1_seconds"] = result.seconds
     info["stage1_history"] = result.history
     lora = tr.merge(result.trainable, scales)
     t0 = time.perf_counter()
-    unlearned = vle.delete(params, lora, projectors, cfg.delete_alpha)
+    unlearned = vle.delete(params, lora, projectors, cfg.delete_alpha, sharding=sharding)
     jax.block_until_ready(unlearned)
     info["delete_seconds"] = time.perf_counter() - t0
     if out_dir is not None:
@@ -226,7 +230,7 @@ def run_method(c, method: str, model, params, processor, bench, out_dir=None, *,
     if method in METHODS:
         title, cfg, stage = method_config(c, method)
         unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, out_dir,
-                                            source_dir=source_dir, log=log)
+                                            source_dir=source_dir, sharding=sharder_for(c), log=log)
         return title, unlearned, info
     from .baselines import BASELINES, baseline_config, reference_stage, unlearn_baseline
 
@@ -236,7 +240,8 @@ def run_method(c, method: str, model, params, processor, bench, out_dir=None, *,
     title, settings = baseline_config(method, dict(section.get(method, {})))
     stage = reference_stage(method, **{**dict(section.get("stage", {})), "seed": c.seed})
     unlearned, info = unlearn_baseline(
-        model, params, processor, bench, method, settings, stage, out_dir, source_dir=source_dir, log=log)
+        model, params, processor, bench, method, settings, stage, out_dir, source_dir=source_dir,
+        sharding=sharder_for(c), log=log)
     return title, unlearned, info
 
 
