@@ -267,16 +267,26 @@ def eval_config(c):
                       seed=c.seed)
 
 
+def load_vanilla(c, vanilla_dir):
+    """The vanilla model for the config: read shard by shard onto the config's mesh when it has one."""
+    from ..hf import load_pretrained
+    from ..parallel import load_pretrained_sharded
+
+    sharding = sharder_for(c)
+    if sharding is not None:
+        return load_pretrained_sharded(vanilla_dir, sharding, dtype=c.model.dtype, attention_impl=c.model.attention)
+    return load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+
+
 def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
     """Vanilla (cached) -> each method -> evaluation -> the shared report; returns the report directory."""
     from ..eval.evaluate import evaluate
     from ..eval.report import load_results, write_report
     from ..finetune import data_root, run_stage
-    from ..hf import load_pretrained
     from ..processing import load_processor
 
     vanilla_dir = run_stage(c, "vanilla", log=log)
-    model, params, config = load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+    model, params, config = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     bench = mllmu.load_benchmark(data_root(c), c.data.forget_ratio)
     report_dir = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}"
@@ -317,11 +327,10 @@ def run_sweep(c, grid: dict[str, list], *, validation_people: int = 10, max_reta
 
     from ..eval.evaluate import evaluate
     from ..finetune import data_root, run_stage
-    from ..hf import load_pretrained
     from ..processing import load_processor
 
     vanilla_dir = run_stage(c, "vanilla", log=log)
-    model, params, _ = load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+    model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), validation_people, c.seed)
     ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=("classification",), loglik=False,
