@@ -500,7 +500,7 @@ def init_params(model, rng) -> dict:
     return model.init(rng, **model.dummy_inputs())["params"]
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX_NAME
     if index.exists():
         try:
@@ -552,13 +552,9 @@ def load_config(path, **runtime):
     return arch, config
 
 
-def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, attention_impl: str | None = None):
-    """Load a local Hugging Face checkpoint directory -> (model, params, config).
-
-    dtype: compute dtype name ("float32", "bfloat16"); parameters are stored as `param_dtype` (f32 master
-    weights by default). Every tensor is checked against the model's expected shapes; missing, unexpected
-    or mis-shaped tensors raise `CheckpointError` naming the tensor and file.
-    """
+def open_checkpoint(path, dtype: str | None = None, attention_impl: str | None = None):
+    """Every loader's first steps: a checkpoint directory -> (directory, architecture, config, model,
+    expected parameter shapes), with the config's faults raised as `ConfigError` naming the file."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -571,9 +567,20 @@ def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, att
         raise ConfigError(
             f"{directory / 'config.json'}: describes a model that cannot be built ({type(e).__name__}: {e})"
         ) from e
+    return directory, arch, config, model, expected
+
+
+def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, attention_impl: str | None = None):
+    """Load a local Hugging Face checkpoint directory -> (model, params, config).
+
+    dtype: compute dtype name ("float32", "bfloat16"); parameters are stored as `param_dtype` (f32 master
+    weights by default). Every tensor is checked against the model's expected shapes; missing, unexpected
+    or mis-shaped tensors raise `CheckpointError` naming the tensor and file.
+    """
+    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl)
     flat: dict[str, np.ndarray] = {}
     unexpected: list[str] = []
-    for file in _weight_files(directory):
+    for file in weight_files(directory):
         digests = _recorded_digests(file, read_safetensors_header(file))
         try:
             handle = safe_open(str(file), framework="numpy")

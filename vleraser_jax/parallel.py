@@ -373,26 +373,6 @@ def shard_params(params, sharder: Sharder):
     return sharder.put(params, sharder.tree(params))
 
 
-def _weight_files(directory: Path, index_name: str, weights_name: str, error) -> list[Path]:
-    import json
-
-    index = directory / index_name
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise error(f"{index}: not a valid safetensors index ({e})") from None
-        if any(not isinstance(f, str) or Path(f).name != f or f in (".", "..") for f in files):
-            raise error(f"{index}: shard names must be plain file names in {directory}")
-        return [directory / f for f in files]
-    if (directory / weights_name).exists():
-        return [directory / weights_name]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:  # pickled weights are never opened
-        raise error(f"{directory}: no safetensors weights ({weights_name} or {index_name})")
-    return files
-
-
 def _disk_index(transform, index: tuple, disk_shape: tuple) -> tuple:
     """The on-disk region (torch layout) holding the Flax-layout region `index`."""
     from .hf import Transform
@@ -433,23 +413,12 @@ def load_pretrained_sharded(path, sharder: Sharder, dtype: str | None = None, pa
     """
     from safetensors import safe_open
 
-    from .hf import INDEX_NAME, WEIGHTS_NAME, CheckpointError, expected_shapes, load_config
-    from .hf import read_safetensors_header
-    from .models.configs import ConfigError
+    from .hf import CheckpointError, open_checkpoint, read_safetensors_header, weight_files
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
-    runtime = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v is not None}
-    arch, config = load_config(directory, **runtime)
-    model = arch.model_cls(config)
-    try:
-        expected = expected_shapes(model)
-    except Exception as e:
-        raise ConfigError(f"{directory / 'config.json'}: describes a model that cannot be built ({e})") from e
+    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl)
     located: dict[str, tuple[Path, str, Any]] = {}
     unexpected = []
-    for file in _weight_files(directory, INDEX_NAME, WEIGHTS_NAME, CheckpointError):
+    for file in weight_files(directory):
         read_safetensors_header(file)
         with safe_open(str(file), framework="numpy") as f:
             names = list(f.keys())
