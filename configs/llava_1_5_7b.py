@@ -9,7 +9,7 @@ numbers of the checkpoint's config.json so that `vleraser plan` needs no checkpo
 
 import ml_collections
 
-from vleraser_jax.parallel import DEFAULT_RULES
+from vleraser_jax.config import add_mllmu_7b_sections
 
 
 def get_config():
@@ -18,11 +18,6 @@ def get_config():
     c.family = "llava"
     c.seed = 0
     c.work_dir = "runs"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "mllmu"
-    c.data.root = ""  # the local MLLMU-Bench copy (set it)
-    c.data.forget_ratio = 5
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""  # the local llava-1.5-7b-hf directory (set it)
@@ -51,46 +46,5 @@ def get_config():
         },
     }
 
-    # MLLMU-Bench's vanilla fine-tune: LoRA r16 α16, lr 2e-5, batch 4, 5 epochs on ft_Data.
-    c.vanilla = ml_collections.ConfigDict()
-    c.vanilla.lora_rank = 16
-    c.vanilla.lora_alpha = 16
-    c.vanilla.learning_rate = 2e-5
-    c.vanilla.batch_size = 4
-    c.vanilla.epochs = 5
-    c.vanilla.max_length = 1024  # 576 image tokens + the QA text
-
-    # VL-Eraser stage 1 (VLEraserConfig + StageOneConfig fields, read by unlearn.run.method_config).
-    c.vl_eraser = ml_collections.ConfigDict()
-    c.vl_eraser.rank = 16
-    c.vl_eraser.alpha = 16.0
-    c.vl_eraser.lambda_ = 0.5
-    c.vl_eraser.ce_mode = "added"
-    c.vl_eraser.steps = 100
-    c.vl_eraser.batch_size = 4
-    c.vl_eraser.learning_rate = 2e-5
-    c.vl_eraser.warmup_steps = 0
-    c.vl_eraser.max_length = 1024
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 16
-    c.eval.max_people = 0
-    c.eval.few_shot_people = 0
-
-    # One mesh over every device: -1 fills. Override e.g. --config.mesh.fsdp=4 --config.mesh.tensor=2.
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (parallel.py)
-
-    # Shapes `vleraser plan` compiles (stage 1 uses vl_eraser.batch_size / max_length).
-    c.plan = ml_collections.ConfigDict()
-    c.plan.retained_rank = 475  # vacuum basis columns: at most one per retain person (95% of 500)
-    c.plan.image_size = 336
-    c.plan.generate_batch = 16
-    c.plan.prompt_length = 640  # 576 image tokens + question and options
-    c.plan.max_new_tokens = 50
-    c.plan.frozen_dtype = ""  # "": f32 master weights; "bfloat16": the frozen base in bf16 (only the LoRA trains)
-    c.plan.device_memory_gb = 0.0  # 0: do not judge; or pass --device-memory
-    return c
+    # 576 image tokens (336² image, patch 14) + the text; generation prompts: image + question and options.
+    return add_mllmu_7b_sections(c, max_length=1024, image_size=336, prompt_length=640)

@@ -9,7 +9,7 @@ released), so `vleraser plan` needs no checkpoint:
 
 import ml_collections
 
-from vleraser_jax.parallel import DEFAULT_RULES
+from vleraser_jax.config import add_mllmu_7b_sections
 
 
 def get_config():
@@ -18,11 +18,6 @@ def get_config():
     c.family = "qwen2_vl"
     c.seed = 0
     c.work_dir = "runs"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "mllmu"
-    c.data.root = ""  # the local MLLMU-Bench copy (set it)
-    c.data.forget_ratio = 5
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""  # the local Qwen2-VL-7B-Instruct directory (set it)
@@ -45,43 +40,5 @@ def get_config():
         },
     }
 
-    # MLLMU-Bench's vanilla fine-tune: LoRA r16 α16, lr 2e-5, batch 4, 5 epochs on ft_Data.
-    c.vanilla = ml_collections.ConfigDict()
-    c.vanilla.lora_rank = 16
-    c.vanilla.lora_alpha = 16
-    c.vanilla.learning_rate = 2e-5
-    c.vanilla.batch_size = 4
-    c.vanilla.epochs = 5
-    c.vanilla.max_length = 768  # 256 image tokens (448² image) + the QA text
-
-    c.vl_eraser = ml_collections.ConfigDict()
-    c.vl_eraser.rank = 16
-    c.vl_eraser.alpha = 16.0
-    c.vl_eraser.lambda_ = 0.5
-    c.vl_eraser.ce_mode = "added"
-    c.vl_eraser.steps = 100
-    c.vl_eraser.batch_size = 4
-    c.vl_eraser.learning_rate = 2e-5
-    c.vl_eraser.warmup_steps = 0
-    c.vl_eraser.max_length = 768
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 16
-    c.eval.max_people = 0
-    c.eval.few_shot_people = 0
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.rules = DEFAULT_RULES
-
-    c.plan = ml_collections.ConfigDict()
-    c.plan.retained_rank = 475
-    c.plan.image_size = 448  # one 448x448 image per row: 32x32 patches, 256 merged tokens
-    c.plan.generate_batch = 16
-    c.plan.prompt_length = 384
-    c.plan.max_new_tokens = 50
-    c.plan.frozen_dtype = ""  # "": f32 master weights; "bfloat16": the frozen base in bf16 (only the LoRA trains)
-    c.plan.device_memory_gb = 0.0
-    return c
+    # one 448x448 image per row: 32x32 patches, 256 merged tokens, + the text.
+    return add_mllmu_7b_sections(c, max_length=768, image_size=448, prompt_length=384)

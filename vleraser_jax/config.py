@@ -64,3 +64,61 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
         except TypeError as e:
             raise ConfigError(f"override {item!r}: {e}") from None
     return config
+
+
+def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, image_size: int,
+                          prompt_length: int) -> ml_collections.ConfigDict:
+    """The sections every 7B config shares, so MLLMU-Bench's numbers live in one place: the local benchmark
+    (`data`), its vanilla LoRA fine-tune, VL-Eraser stage 1, evaluation, one mesh over every device, and
+    the shapes `vleraser plan` compiles. Only the lengths depend on the model's image tokens.
+    """
+    from .parallel import DEFAULT_RULES  # jax is not needed just to read a config
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mllmu"
+    c.data.root = ""  # the local MLLMU-Bench copy (set it)
+    c.data.forget_ratio = 5
+
+    # MLLMU-Bench's vanilla fine-tune: LoRA r16 α16, lr 2e-5, batch 4, 5 epochs on ft_Data.
+    c.vanilla = ml_collections.ConfigDict()
+    c.vanilla.lora_rank = 16
+    c.vanilla.lora_alpha = 16
+    c.vanilla.learning_rate = 2e-5
+    c.vanilla.batch_size = 4
+    c.vanilla.epochs = 5
+    c.vanilla.max_length = max_length
+
+    # VL-Eraser stage 1 (VLEraserConfig + StageOneConfig fields, read by unlearn.run.method_config).
+    c.vl_eraser = ml_collections.ConfigDict()
+    c.vl_eraser.rank = 16
+    c.vl_eraser.alpha = 16.0
+    c.vl_eraser.lambda_ = 0.5
+    c.vl_eraser.ce_mode = "added"
+    c.vl_eraser.steps = 100
+    c.vl_eraser.batch_size = 4
+    c.vl_eraser.learning_rate = 2e-5
+    c.vl_eraser.warmup_steps = 0
+    c.vl_eraser.max_length = max_length
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16
+    c.eval.max_people = 0
+    c.eval.few_shot_people = 0
+
+    # One mesh over every device: -1 fills. Override e.g. --config.mesh.fsdp=4 --config.mesh.tensor=2.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (parallel.py)
+
+    # Shapes `vleraser plan` compiles (stage 1 uses vl_eraser.batch_size / max_length).
+    c.plan = ml_collections.ConfigDict()
+    c.plan.retained_rank = 475  # vacuum basis columns: at most one per retain person (95% of 500)
+    c.plan.image_size = image_size
+    c.plan.generate_batch = 16
+    c.plan.prompt_length = prompt_length
+    c.plan.max_new_tokens = 50
+    c.plan.frozen_dtype = ""  # "": f32 master weights; "bfloat16": the frozen base in bf16 (only the LoRA trains)
+    c.plan.device_memory_gb = 0.0  # 0: do not judge; or pass --device-memory
+    return c
