@@ -205,6 +205,17 @@ DEMO_METHODS = ["vl_eraser", "vl_eraser_no_vacuum", "vl_eraser_no_distill", "vl_
                 "ga", "gd", "kl", "npo", "mmunlearner"]
 
 
+def demo_diagnostics(args) -> dict | None:
+    """The demo's diagnostics switches as run_experiment settings (None: the config's, or the defaults)."""
+    from .eval.diagnostics import KINDS
+
+    if args.no_diagnostics:
+        return {kind: False for kind in KINDS}
+    if args.diagnostics:
+        return {kind: kind in args.diagnostics for kind in KINDS}
+    return None
+
+
 def cmd_demo(args) -> int:
     import time
     from pathlib import Path
@@ -219,7 +230,7 @@ def cmd_demo(args) -> int:
     c = load_config(config, overrides)
     start = time.perf_counter()
     print(f"demo: {c.name}, forget {c.data.forget_ratio}%, methods {', '.join(args.method)} (work dir {c.work_dir})")
-    report = run_experiment(c, args.method)
+    report = run_experiment(c, args.method, diagnostics=demo_diagnostics(args))
     print(f"demo finished in {time.perf_counter() - start:.0f} s\n")
     print((report / "report.md").read_text())
     return 0
@@ -272,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
     p.set_defaults(func=cmd_train)
 
+    from .eval.diagnostics import KINDS as DIAGNOSTIC_KINDS
     from .unlearn.run import all_methods
 
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic benchmark: data, base, vanilla, "
@@ -280,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a config file instead of configs/<backbone>.py")
     p.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
     p.add_argument("--method", nargs="+", default=DEMO_METHODS, choices=all_methods())
+    switches = p.add_mutually_exclusive_group()
+    switches.add_argument("--no-diagnostics", action="store_true",
+                          help="skip the projector/vision reload diagnostic and the quantization and relearning attacks")
+    switches.add_argument("--diagnostics", nargs="+", choices=DIAGNOSTIC_KINDS,
+                          help="run only these diagnostics (default: the config's diagnostics section, else all)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("unlearn", help="unlearn the forget set from the config's vanilla model, evaluate, report")

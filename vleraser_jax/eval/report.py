@@ -4,6 +4,10 @@
 (or replaced) on its own, so later stages and issues write into the same report; every write rebuilds
 the table and plots from the whole file. All files of one write are rendered into a temporary directory
 first, so a failure (a full disk included) leaves the previous report as it was.
+
+A separate top-level key, `diagnostics`, maps method -> kind -> entry for the diagnostics and attacks of
+issue #7 (`eval/diagnostics.py` writes "reload", "quantize", "relearn"; `unlearn/run.py` writes "cost"),
+rendered as extra tables after the main ones. `load_results` still returns the methods only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ def load_results(out_dir) -> dict:
     return _read_results(path)["methods"]
 
 
+def load_diagnostics(out_dir) -> dict:
+    """method -> kind -> entry, as `write_diagnostics` stored them ({} for none)."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return {}
+    return _read_results(path).get("diagnostics", {})
+
+
 def _read_results(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -41,6 +53,9 @@ def _read_results(path: Path) -> dict:
         raise ReportError(f"{path}: not a results file written by this project ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
         raise ReportError(f"{path}: not a results file written by this project (no 'methods' object)")
+    diagnostics = data.get("diagnostics", {})
+    if not isinstance(diagnostics, dict) or not all(isinstance(v, dict) for v in diagnostics.values()):
+        raise ReportError(f"{path}: 'diagnostics' must map each method to an object of diagnostics")
     return data
 
 
@@ -66,7 +81,8 @@ def markdown_table(methods: Mapping[str, Any], mode: str, metric_columns=TABLE_M
     return "\n".join(lines)
 
 
-def render_markdown(methods: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> str:
+def render_markdown(methods: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                    diagnostics: Mapping[str, Any] | None = None) -> str:
     parts = ["# Unlearning report", ""]
     if meta:
         parts += [f"- {k}: {v}" for k, v in meta.items()] + [""]
@@ -82,6 +98,179 @@ def render_markdown(methods: Mapping[str, Any], meta: Mapping[str, Any] | None =
         parts += ["", "## Extra (not the protocol's): classification by option log-likelihood", ""]
         for mode, title in MODE_TITLES.items():
             parts += [f"### {title}", "", markdown_table(methods, mode, (("classification_loglik", "LL acc %"),)), ""]
+    if diagnostics:
+        parts += ["", render_diagnostics(diagnostics, list(methods))]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------ diagnostics and attacks (issue #7)
+
+COST_REFERENCE = "NPO"  # the paper states its training cost relative to NPO's
+QUANT_TITLES = {8: "int8", 4: "4-bit"}
+
+
+def fmt_delta(value: float | None, metric: str) -> str:
+    """'+15.0' (percentage points for accuracies) or '+0.123' (ROUGE); '–' when missing."""
+    if value is None or math.isnan(value):
+        return "–"
+    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+    return f"{value * scale:+.{digits}f}"
+
+
+def _entry(results: Mapping | None, set_name: str, mode: str, metric: str):
+    return ((results or {}).get(set_name) or {}).get(mode, {}).get(metric)
+
+
+def _delta(changes: Mapping | None, set_name: str, mode: str, metric: str) -> float | None:
+    return ((changes or {}).get(set_name) or {}).get(mode, {}).get(metric)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _with(diagnostics: Mapping, kind: str, order: list[str], skipped: bool = False) -> list[tuple[str, Mapping]]:
+    """(method, entry) of `kind` in `order`: the entries that ran, or (skipped=True) those recorded as skipped."""
+    return [(m, diagnostics[m][kind]) for m in order
+            if kind in diagnostics.get(m, {}) and ("skipped" in diagnostics[m][kind]) == skipped]
+
+
+def _has_mode(entry_results: Mapping, mode: str) -> bool:
+    return any(mode in modes for modes in entry_results.values())
+
+
+def reload_table(diagnostics: Mapping, mode: str, order: list[str]) -> str:
+    """One row per method and metric: forget score unlearned, with the vanilla projector / vision tower, recovery."""
+    header = ["Method", "Metric", "Unlearned", "+ vanilla projector", "Recovery", "+ vanilla vision", "Recovery"]
+    rows = []
+    for method, e in _with(diagnostics, "reload", order):
+        if not _has_mode(e["unlearned"], mode):
+            continue
+        for metric, title in TABLE_METRICS:
+            cells = [method, title, fmt(_entry(e["unlearned"], "forget", mode, metric), metric)]
+            for which in ("projector", "vision"):
+                cells += [fmt(_entry(e.get(which), "forget", mode, metric), metric),
+                          fmt_delta(_delta(e["recovery"].get(which), "forget", mode, metric), metric)]
+            rows.append(cells)
+    return _table(header, rows)
+
+
+def quantize_table(diagnostics: Mapping, mode: str, order: list[str]) -> str:
+    """One row per method, set (forget, retain) and metric: full precision, each quantization, its change."""
+    entries = _with(diagnostics, "quantize", order)
+    bits = [b for b in QUANT_TITLES if any(b in e.get("bits", ()) for _, e in entries)]
+    header = ["Method", "Set", "Metric", "Unlearned"] + [c for b in bits for c in (QUANT_TITLES[b], "Δ")]
+    rows = []
+    for method, e in entries:
+        for set_name in ("forget", "retain"):
+            if mode not in e["unlearned"].get(set_name, {}):
+                continue
+            for metric, title in TABLE_METRICS:
+                cells = [method, SET_TITLES[set_name], title, fmt(_entry(e["unlearned"], set_name, mode, metric), metric)]
+                for b in bits:
+                    cells += [fmt(_entry(e.get(f"int{b}"), set_name, mode, metric), metric),
+                              fmt_delta(_delta(e["change"].get(f"int{b}"), set_name, mode, metric), metric)]
+                rows.append(cells)
+    return _table(header, rows)
+
+
+def relearn_table(diagnostics: Mapping, mode: str, order: list[str]) -> str:
+    """One row per method and metric: forget score on half A (fine-tuned on) and B (held out), before/after."""
+    header = ["Method", "Metric", "A (trained on): unlearned", "A: relearned", "A: recovery",
+              "B (held out): unlearned", "B: relearned", "B: recovery"]
+    rows = []
+    for method, e in _with(diagnostics, "relearn", order):
+        if not _has_mode(e["unlearned"]["A"], mode):
+            continue
+        for metric, title in TABLE_METRICS:
+            cells = [method, title]
+            for g in ("A", "B"):
+                cells += [fmt(_entry(e["unlearned"].get(g), "forget", mode, metric), metric),
+                          fmt(_entry(e["relearned"].get(g), "forget", mode, metric), metric),
+                          fmt_delta(_delta(e["recovery"].get(g), "forget", mode, metric), metric)]
+            rows.append(cells)
+    return _table(header, rows)
+
+
+def cost_ratios(diagnostics: Mapping, reference: str = COST_REFERENCE) -> dict[str, float | None]:
+    """Each method's wall time / the reference's, only where both were measured in the same run (same machine
+    and load); None otherwise."""
+    ref = diagnostics.get(reference, {}).get("cost")
+    out = {}
+    for method, kinds in diagnostics.items():
+        cost = kinds.get("cost")
+        same_run = cost and ref and cost.get("run") == ref.get("run") and ref["wall_seconds"] > 0
+        out[method] = cost["wall_seconds"] / ref["wall_seconds"] if same_run else None
+    return out
+
+
+def cost_table(diagnostics: Mapping, order: list[str], reference: str = COST_REFERENCE) -> str:
+    ratios = cost_ratios(diagnostics, reference)
+    header = ["Method", "Wall time (s)", f"× {reference} (same run)", "Parts (s)"]
+    rows = []
+    for method, cost in _with(diagnostics, "cost", order):
+        parts = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in cost.get("parts", {}).items())
+        ratio = ratios.get(method)
+        rows.append([method, f"{cost['wall_seconds']:.1f}", "–" if ratio is None else f"{ratio:.2f}", parts or "–"])
+    return _table(header, rows)
+
+
+def _baseline_results(kind: str, entry: Mapping) -> Mapping:
+    """The unlearned model's results inside a diagnostic entry (the relearning attack keeps one per half)."""
+    return entry["unlearned"]["A"] if kind == "relearn" else entry["unlearned"]
+
+
+def _relearn_intro(entries: list[tuple[str, Mapping]]) -> str:
+    first = entries[0][1]
+    same = len({json.dumps(e["settings"], sort_keys=True) for _, e in entries}) == 1
+    settings = (", ".join(f"{k} {v}" for k, v in first["settings"].items()) if same
+                else "settings differ between methods: see results.json")
+    return (f"The forget people split into halves A ({', '.join(first['people']['A'])}) and B "
+            f"({', '.join(first['people']['B'])}); each unlearned model fine-tuned on A's forget QA rows ({settings}). "
+            "Recovery = relearned − unlearned: on B (never trained on) it means the knowledge was suppressed, "
+            "not removed.")
+
+
+# kind -> (section title, introduction (a string, or a function of the entries), table function)
+DIAGNOSTIC_SECTIONS = {
+    "reload": ("Diagnostic: vanilla modules reloaded (forget set)",
+               "The unlearned model with the vanilla model's multimodal projector, or its vision tower, put back. "
+               "Recovery = swapped − unlearned (percentage points for accuracies): a large recovery means the "
+               "method broke vision↔language alignment instead of removing the knowledge. Textual-QA shows no "
+               "image, so its recovery is zero by construction (a check).", reload_table),
+    "quantize": ("Attack: weight quantization",
+                 "Weight-only symmetric per-output-channel round-to-nearest (Dense kernels and embeddings; norms and "
+                 "biases in full precision). Δ = quantized − unlearned; on the forget set a rise means rounding "
+                 "undid the unlearning.", quantize_table),
+    "relearn": ("Attack: relearning", _relearn_intro, relearn_table),
+}
+
+
+def render_diagnostics(diagnostics: Mapping, order: list[str] | None = None) -> str:
+    """The diagnostic, attack and cost tables (Markdown) of every method that has them, methods in `order`
+    first (the main table's), then the rest."""
+    order = list(order or [])
+    order += [m for m in diagnostics if m not in order]
+    parts = []
+    for kind, (title, intro, table) in DIAGNOSTIC_SECTIONS.items():
+        entries, skipped = _with(diagnostics, kind, order), _with(diagnostics, kind, order, skipped=True)
+        if not entries and not skipped:
+            continue
+        parts.append(f"## {title}")
+        if entries:
+            parts += ["", intro(entries) if callable(intro) else intro]
+        if skipped:
+            parts += ["", "Not run for " + "; ".join(f"{m} ({e['skipped']})" for m, e in skipped) + "."]
+        for mode in MODE_TITLES:
+            if entries and any(_has_mode(_baseline_results(kind, e), mode) for _, e in entries):
+                parts += ["", f"### {MODE_TITLES[mode]}", "", table(diagnostics, mode, order)]
+        parts.append("")
+    if _with(diagnostics, "cost", order):
+        parts += ["## Cost", "",
+                  f"Wall time of each method's run (its statistics, training, deletion or merge, and export), and its "
+                  f"ratio to {COST_REFERENCE}'s when both ran in the same invocation.", "",
+                  cost_table(diagnostics, order), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -180,28 +369,54 @@ def write_report(
     results: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    diagnostics: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Add (or replace) one method's results, then rewrite results.json, report.md and the plots.
 
     extra_files: more files of this write (name -> bytes, e.g. predictions), published with the rest.
+    diagnostics: kind -> entry for this method, merged into its diagnostics in the same write.
     Everything is rendered into a temporary directory first; a failure leaves `out_dir` as it was (or
     absent, if it did not exist) and no temporary files behind.
     """
+    return _rewrite(out_dir, method, results, diagnostics, meta, extra_files)
+
+
+def write_diagnostics(out_dir, method: str, entries: Mapping[str, Any], meta: Mapping[str, Any] | None = None
+                      ) -> dict[str, Path]:
+    """Add (or replace) diagnostics of one method (kind -> entry, e.g. {"reload": ...}), keeping everything
+    else; rewrites the report as atomically as `write_report`."""
+    if not entries:
+        raise ValueError("write_diagnostics: no entries to write")
+    return _rewrite(out_dir, method, None, entries, meta, None)
+
+
+def _rewrite(out_dir, method: str, results: Mapping[str, Any] | None, diagnostics: Mapping[str, Any] | None,
+             meta: Mapping[str, Any] | None, extra_files: Mapping[str, bytes] | None) -> dict[str, Path]:
+    """One write: the stored report with `method`'s results (None: kept) and diagnostics merged in, rendered."""
     from ..hf import atomic_directory
 
     out = Path(out_dir)
     path = out / "results.json"
     stored = _read_results(path) if path.exists() else {"meta": {}, "methods": {}}
     methods = dict(stored["methods"])
-    methods[method] = results
+    if results is not None:
+        methods[method] = results
+    all_diagnostics = {m: dict(kinds) for m, kinds in stored.get("diagnostics", {}).items()}
+    if diagnostics:
+        all_diagnostics.setdefault(method, {}).update(diagnostics)
     stored_meta = dict(stored.get("meta") or {})
     stored_meta.update(meta or {})
 
     def render(stage: Path) -> list[str]:
-        (stage / "results.json").write_text(json.dumps({"meta": stored_meta, "methods": methods}, indent=2))
-        (stage / "report.md").write_text(render_markdown(methods, stored_meta))
-        names = ["results.json", "report.md", "forget_vs_retain.png"]
-        plot_forget_vs_retain(methods, stage / "forget_vs_retain.png")
+        document = {"meta": stored_meta, "methods": methods}
+        if all_diagnostics:  # files without diagnostics stay exactly as before issue #7
+            document["diagnostics"] = all_diagnostics
+        (stage / "results.json").write_text(json.dumps(document, indent=2))
+        (stage / "report.md").write_text(render_markdown(methods, stored_meta, all_diagnostics))
+        names = ["results.json", "report.md"]
+        if methods:  # diagnostics may arrive before any method's results: nothing to plot yet
+            plot_forget_vs_retain(methods, stage / "forget_vs_retain.png")
+            names.append("forget_vs_retain.png")
         for mode in MODE_TITLES:
             if any(mode in s for r in methods.values() for s in r.values()):
                 plot_sets(methods, stage / f"sets_{mode}.png", mode=mode)
@@ -228,7 +443,7 @@ def write_report(
     except OSError as e:  # e.g. a full disk
         kept = "the previous report files are unchanged" if existed else "nothing was written"
         raise ReportError(f"{out}: writing the report failed ({e}); {kept}") from e
-    files = {"results": path, "markdown": out / "report.md", "forget_vs_retain": out / "forget_vs_retain.png"}
-    files.update({n[:-4]: out / n for n in names if n.startswith("sets_")})
+    files = {"results": path, "markdown": out / "report.md"}
+    files.update({n[:-4]: out / n for n in names if n.endswith(".png") and n not in (extra_files or {})})
     files.update({n: out / n for n in (extra_files or {})})
     return files

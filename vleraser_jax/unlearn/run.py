@@ -8,9 +8,11 @@ unlearned model with `save_pretrained`) and returns the unlearned parameters wit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -263,8 +265,9 @@ def eval_config(c):
     from ..eval.evaluate import EvalConfig
 
     e = c.eval
+    optional = {k: e[k] for k in ("max_new_tokens",) if k in e}  # absent: the protocol's value
     return EvalConfig(batch_size=e.batch_size, max_people=e.max_people or None, few_shot_people=e.few_shot_people,
-                      seed=c.seed)
+                      seed=c.seed, **optional)
 
 
 def load_vanilla(c, vanilla_dir):
@@ -278,13 +281,19 @@ def load_vanilla(c, vanilla_dir):
     return load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
 
 
-def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
-    """Vanilla (cached) -> each method -> evaluation -> the shared report; returns the report directory."""
+def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None, log=print) -> Path:
+    """Vanilla (cached) -> each method -> evaluation -> diagnostics -> the shared report; returns its directory.
+
+    diagnostics: settings over the config's `diagnostics` section (`eval.diagnostics.DIAGNOSTICS_DEFAULTS`
+    when it has none), e.g. {"relearn": False}. Each method's wall time is always recorded (the cost table).
+    """
+    from ..eval.diagnostics import diagnostics_settings
     from ..eval.evaluate import evaluate
-    from ..eval.report import load_results, write_report
+    from ..eval.report import load_diagnostics, load_results, write_report
     from ..finetune import data_root, run_stage
     from ..processing import load_processor
 
+    settings = diagnostics_settings(_section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
     vanilla_dir = run_stage(c, "vanilla", log=log)
     model, params, config = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
@@ -296,17 +305,89 @@ def run_experiment(c, methods: Sequence[str], *, log=print) -> Path:
         log("evaluating the vanilla model")
         result = evaluate(model, params, processor, bench, ecfg)
         write_report(report_dir, "Vanilla", result.results, meta)
+    done = load_diagnostics(report_dir)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # "the same run" of the cost ratios
     timings = {}
     for method in methods:
         log(f"== {method}")
         out = report_dir / "runs" / method
+        t0 = time.perf_counter()
         title, unlearned, info = run_method(c, method, model, params, processor, bench, out,
                                             source_dir=vanilla_dir, log=log)
+        wall = time.perf_counter() - t0
         result = evaluate(model, unlearned, processor, bench, ecfg)
         timings[title] = {k: v for k, v in info.items() if k.endswith("_seconds")}
-        write_report(report_dir, title, result.results, {**meta, "timings_s": timings})
+        # a baseline's total_seconds already sums its other parts: listing it would count them twice
+        cost = {"run": run_id, "wall_seconds": wall,
+                "parts": {k: v for k, v in timings[title].items() if k != "total_seconds"}}
+        write_report(report_dir, title, result.results, {**meta, "timings_s": timings}, diagnostics={"cost": cost})
+        run_diagnostics(c, method, title, settings, model, params, unlearned, processor, bench, ecfg, result.results,
+                        report_dir, done.get(title, {}), family=config.model_type, log=log)
     log(f"report: {report_dir / 'report.md'}")
     return report_dir
+
+
+DIAGNOSTICS_VERSION = 1  # bump when a diagnostic's code changes what a cached entry would hold
+
+
+def diagnostic_key(c, method: str, kind: str, settings: dict) -> str:
+    """A hash of everything a method's diagnostic depends on: the config (its `diagnostics` section aside),
+    the method, and this kind's own settings (`kind` and `kind_*` entries)."""
+    config = json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else dict(c)
+    config.pop("diagnostics", None)
+    own = {k: v for k, v in settings.items() if k == kind or k.startswith(kind + "_")}
+    blob = json.dumps({"version": DIAGNOSTICS_VERSION, "config": config, "method": method, "kind": kind,
+                       "settings": own}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def relearn_config(c, settings: dict):
+    """The relearning attack's settings from the diagnostics settings; max_length 0 = VL-Eraser stage 1's."""
+    from ..eval.diagnostics import RelearnConfig
+
+    max_length = settings["relearn_max_length"] or method_config(c, "vl_eraser")[2].max_length
+    return RelearnConfig(steps=settings["relearn_steps"], learning_rate=settings["relearn_learning_rate"],
+                         batch_size=settings["relearn_batch_size"], max_length=max_length,
+                         trainable=settings["relearn_trainable"], seed=c.seed)
+
+
+def run_diagnostics(c, method: str, title: str, settings: dict, model, vanilla, unlearned, processor, bench, ecfg,
+                    results, report_dir, done: dict, *, family: str | None = None, log=print) -> dict:
+    """The enabled diagnostics (`settings`) of one unlearned model, each written into the report as soon as it
+    is done, so an interrupted run keeps the finished ones. One found in `done` (this method's stored
+    diagnostics) with the same `diagnostic_key` is skipped. results: the method's main evaluation (its
+    forget/retain scores are the diagnostics' unlearned baseline). Returns the entries computed now."""
+    from ..eval import diagnostics as dg
+    from ..eval.report import write_diagnostics
+
+    computed = {}
+    for kind in dg.KINDS:
+        if not settings[kind]:
+            continue
+        key = diagnostic_key(c, method, kind, settings)
+        if done.get(kind, {}).get("key") == key:
+            log(f"{title}: {kind} diagnostic already in the report, skipped")
+            continue
+        t0 = time.perf_counter()
+        if kind == "relearn" and len(bench.forget) < 2:  # recorded, so the report says why it is missing
+            entry = {"skipped": f"the relearning attack needs at least 2 forget people to split, the benchmark "
+                                f"has {len(bench.forget)}"}
+            log(f"{title}: relearn diagnostic not run: {entry['skipped']}")
+        else:
+            log(f"{title}: {kind} diagnostic")
+            if kind == "reload":
+                entry = dg.reload_diagnostic(model, unlearned, vanilla, processor, bench, ecfg, baseline=results,
+                                             family=family)
+            elif kind == "quantize":
+                entry = dg.quantization_attack(model, unlearned, processor, bench, ecfg,
+                                               bits=settings["quantize_bits"], baseline=results)
+            else:
+                entry = dg.relearning_attack(model, unlearned, processor, bench, ecfg, relearn_config(c, settings),
+                                             sharding=sharder_for(c))
+        entry.update(key=key, seconds=time.perf_counter() - t0)
+        write_diagnostics(report_dir, title, {kind: entry})
+        computed[kind] = entry
+    return computed
 
 
 def _classification(results, set_name) -> float:
