@@ -11,7 +11,7 @@ import pytest
 
 from vleraser_jax.config import load_config
 from vleraser_jax.finetune import run_stage, stage_dir
-from vleraser_jax.unlearn.run import run_experiment
+from vleraser_jax.unlearn.run import run_experiment, run_sweep
 
 MICRO = [
     "--config.data.num_people=20", "--config.data.num_celebrities=4", "--config.data.image_size=16",
@@ -40,3 +40,14 @@ def test_micro_pipeline_end_to_end(tmp_path):
     before = stage_dir(c, "vanilla").stat().st_mtime
     assert run_stage(c, "vanilla", log=lambda *_: None) == stage_dir(c, "vanilla")
     assert stage_dir(c, "vanilla").stat().st_mtime == before
+
+    # the sweep picks settings on pseudo-forget retain people; deleting with alpha 0 is the vanilla model
+    best, rows = run_sweep(c, {"delete_alpha": [0.0, 1.0]}, metric="cloze", validation_people=2, log=lambda *_: None)
+    assert [r["delete_alpha"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["progress"] == 0.0 and rows[0]["eligible"]
+    assert best["delete_alpha"] in (0.0, 1.0)
+    with pytest.raises(ValueError, match="sweep metric"):
+        run_sweep(c, {"delete_alpha": [1.0]}, metric="rouge")
+    # the same protocol for a baseline: learning rate 0 leaves the model as it was
+    _, rows = run_sweep(c, {"learning_rate": [0.0]}, method="ga", validation_people=2, log=lambda *_: None)
+    assert rows[0]["progress"] == 0.0

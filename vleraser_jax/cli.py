@@ -193,8 +193,9 @@ def cmd_sweep(args) -> int:
         if not sep:
             raise SystemExit(f"--grid {item!r}: expected name=v1,v2,...")
         grid[key] = [_literal(v) for v in values.split(",")]
-    best, rows = run_sweep(c, grid, validation_people=args.validation_people)
-    out = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}" / "sweep.json"
+    best, rows = run_sweep(c, grid, method=args.method, metric=args.metric,
+                           validation_people=args.validation_people)
+    out = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}" / f"sweep-{args.method}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"grid": grid, "best": best, "rows": rows}, indent=2))
     print(f"best on the validation split: {best}  (all rows: {out})")
@@ -304,10 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
     p.set_defaults(func=cmd_unlearn)
 
-    p = sub.add_parser("sweep", help="choose VL-Eraser settings on a validation split of pseudo-forget people")
+    p = sub.add_parser("sweep", help="choose a method's settings on a validation split of pseudo-forget people")
     p.add_argument("--config", required=True)
+    p.add_argument("--method", default="vl_eraser", choices=all_methods())
     p.add_argument("--grid", nargs="+", required=True, help="e.g. lambda_=0.3,0.5 rank=4,8 steps=50,100")
     p.add_argument("--validation-people", type=int, default=10)
+    p.add_argument("--metric", default="cloze", choices=["cloze", "classification"],
+                   help="forget score to drive toward the base model's (cloze: the tiny models' multiple choice is "
+                        "at chance, see README)")
     p.set_defaults(func=cmd_sweep)
 
     from .data.mllmu import EVAL_SETS, MODES

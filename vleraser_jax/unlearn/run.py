@@ -390,19 +390,57 @@ def run_diagnostics(c, method: str, title: str, settings: dict, model, vanilla, 
     return computed
 
 
-def _classification(results, set_name) -> float:
+SWEEP_METRICS = ("cloze", "classification")
+
+
+def mean_over_modes(results, set_name: str, metric: str) -> float:
+    """A set's score for one metric, averaged over the Visual-QA and Textual-QA modes."""
     modes = results.get(set_name, {})
-    values = [m["classification"]["value"] for m in modes.values() if "classification" in m]
+    values = [m[metric]["value"] for m in modes.values() if metric in m]
     return float(np.mean(values)) if values else float("nan")
 
 
-def run_sweep(c, grid: dict[str, list], *, validation_people: int = 10, max_retain_people: int = 40,
-              chance: float = 0.25, max_retain_drop: float = 0.10, log=print) -> tuple[dict, list[dict]]:
-    """Grid search of VL-Eraser settings on `validation_benchmark` (never the reported forget people).
+def with_method_settings(c, method: str, setting: dict):
+    """A copy of config `c` with `setting` applied where `run_method` reads it: a VL-Eraser variant's fields
+    go to `c.vl_eraser`; a baseline's BaselineConfig fields to `c.baselines.<method>` and its optimizer
+    basics (StageOneConfig fields) to `c.baselines.stage`."""
+    import ml_collections
 
-    Score = fraction of the way forget classification (mean of both modes) moved from the vanilla
-    value to chance; settings whose retain classification drops more than `max_retain_drop` are not
-    eligible. Returns (best setting, every row).
+    from .baselines import BASELINES, BaselineConfig
+
+    out = ml_collections.ConfigDict(c.to_dict() if hasattr(c, "to_dict") else dict(c))
+    stage_fields = {f.name for f in dataclasses.fields(StageOneConfig)}
+    if method in METHODS:
+        known = stage_fields | {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+        unknown = set(setting) - known
+        if unknown:
+            raise ValueError(f"{method}: unknown settings {sorted(unknown)} (VLEraserConfig/StageOneConfig fields)")
+        out.vl_eraser = {**_section(out, "vl_eraser"), **setting}
+        return out
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
+    method_fields = {f.name for f in dataclasses.fields(BaselineConfig)}
+    unknown = set(setting) - method_fields - stage_fields
+    if unknown:
+        raise ValueError(f"{method}: unknown settings {sorted(unknown)} (BaselineConfig/StageOneConfig fields)")
+    section = _section(out, "baselines")
+    section[method] = {**dict(section.get(method, {})), **{k: v for k, v in setting.items() if k in method_fields}}
+    section["stage"] = {**dict(section.get("stage", {})), **{k: v for k, v in setting.items() if k not in method_fields}}
+    out.baselines = section
+    return out
+
+
+def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", metric: str = "cloze",
+              validation_people: int = 10, max_retain_people: int = 40, max_retain_drop: float = 0.10,
+              log=print) -> tuple[dict, list[dict]]:
+    """Grid search of one method's settings on `validation_benchmark` (never the reported forget people).
+
+    The same protocol for every method (VL-Eraser and the baselines alike), so each gets an equal budget.
+
+    Score = fraction of the way the forget score (`metric`, mean of both modes) moved from the vanilla
+    model's to the *base* model's on the same people: the base never saw them, so its score is what
+    "forgotten" looks like (for classification that is chance). Settings whose retain score drops more
+    than `max_retain_drop` are not eligible. Returns (best setting, every row).
     """
     import itertools
 
@@ -410,32 +448,38 @@ def run_sweep(c, grid: dict[str, list], *, validation_people: int = 10, max_reta
     from ..finetune import data_root, run_stage
     from ..processing import load_processor
 
+    if metric not in SWEEP_METRICS:
+        raise ValueError(f"sweep metric must be one of {SWEEP_METRICS}, got {metric!r}")
     vanilla_dir = run_stage(c, "vanilla", log=log)
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), validation_people, c.seed)
-    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=("classification",), loglik=False,
+    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=(metric,), loglik=False,
                                max_people=max_retain_people)
-    base = evaluate(model, params, processor, bench, ecfg).results
-    v_forget, v_retain = _classification(base, "forget"), _classification(base, "retain")
-    log(f"validation vanilla: forget {v_forget:.3f}, retain {v_retain:.3f}")
-    _, base_cfg, base_stage = method_config(c, "vl_eraser")
-    vle_fields = {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+    vanilla = evaluate(model, params, processor, bench, ecfg).results
+    v_forget, v_retain = mean_over_modes(vanilla, "forget", metric), mean_over_modes(vanilla, "retain", metric)
+    base_dir = run_stage(c, "base", log=log)
+    base_params = load_vanilla(c, base_dir)[1]
+    floor = mean_over_modes(evaluate(model, base_params, processor, bench, ecfg).results, "forget", metric)
+    del base_params
+    log(f"validation {metric}: vanilla forget {v_forget:.3f}, retain {v_retain:.3f}; base (never saw them) "
+        f"forget {floor:.3f}")
     rows = []
     keys = sorted(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, values))
-        cfg = dataclasses.replace(base_cfg, **{k: v for k, v in setting.items() if k in vle_fields})
-        stage = dataclasses.replace(base_stage, **{k: v for k, v in setting.items() if k not in vle_fields})
-        unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, log=lambda *_: None)
+        t0 = time.perf_counter()
+        _, unlearned, _ = run_method(with_method_settings(c, method, setting), method, model, params, processor,
+                                     bench, log=lambda *_: None)
+        seconds = time.perf_counter() - t0
         res = evaluate(model, unlearned, processor, bench, ecfg).results
-        f, r = _classification(res, "forget"), _classification(res, "retain")
-        progress = (v_forget - f) / max(v_forget - chance, 1e-9)
-        row = {**setting, "forget": f, "retain": r, "progress_to_chance": progress,
-               "eligible": v_retain - r <= max_retain_drop, "stage1_s": info["stage1_seconds"]}
+        f, r = mean_over_modes(res, "forget", metric), mean_over_modes(res, "retain", metric)
+        progress = (v_forget - f) / max(v_forget - floor, 1e-9)
+        row = {**setting, "forget": f, "retain": r, "progress": progress,
+               "eligible": v_retain - r <= max_retain_drop, "seconds": seconds}
         rows.append(row)
         log(" ".join(f"{k}={v}" for k, v in setting.items()) + f"  forget {f:.3f} retain {r:.3f} progress {progress:.2f}"
             + ("" if row["eligible"] else "  (retain drop too large)"))
     eligible = [r for r in rows if r["eligible"]] or rows
-    best = max(eligible, key=lambda r: r["progress_to_chance"])
+    best = max(eligible, key=lambda r: r["progress"])
     return {k: best[k] for k in keys}, rows
