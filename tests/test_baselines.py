@@ -452,3 +452,26 @@ def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
         _, reloaded, _ = load_pretrained(out / "model")
         for k, v in traverse_util.flatten_dict(reloaded).items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_out[k]))
+
+
+def test_method_settings_route_to_where_run_method_reads_them():
+    from pathlib import Path
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.unlearn import run as R
+
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_llava.py", [])
+    swept = R.with_method_settings(c, "gd", {"learning_rate": 5e-4, "retain_weight": 0.5, "batch_size": 2})
+    title, settings, stage = R.baseline_method_config(swept, "gd")
+    assert title == "GD" and settings.retain_weight == 0.5 and settings.method == "gd"
+    assert (stage.learning_rate, stage.batch_size) == (5e-4, 2)
+    # the input config is untouched, and the other baselines keep their own learning rates
+    assert R.baseline_method_config(c, "gd")[2].learning_rate == c.baselines.gd.learning_rate
+    assert R.baseline_method_config(swept, "ga")[2].learning_rate == c.baselines.ga.learning_rate
+    _, cfg, vstage = R.method_config(R.with_method_settings(c, "vl_eraser_no_ce", {"delete_alpha": 2.0, "steps": 7}),
+                                     "vl_eraser_no_ce")
+    assert (cfg.delete_alpha, cfg.lambda_, vstage.steps) == (2.0, 1.0, 7)
+    with pytest.raises(ValueError, match="unknown settings"):
+        R.with_method_settings(c, "npo", {"betta": 0.1})
+    with pytest.raises(ValueError, match="unknown settings"):
+        R.with_method_settings(c, "vl_eraser", {"beta": 0.1})

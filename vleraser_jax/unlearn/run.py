@@ -226,25 +226,37 @@ def _section(c, name: str) -> dict:
 def run_method(c, method: str, model, params, processor, bench, out_dir=None, *, source_dir=None, log=print):
     """One method by name (VL-Eraser variant or baseline) with the config's settings -> (title, params, info).
 
-    Baseline settings come from `c.baselines.<name>` (BaselineConfig fields) and their optimizer
-    basics from `c.baselines.stage` (StageOneConfig fields; absent: the 7B reference values).
+    Baseline settings: `baseline_method_config`.
     """
     if method in METHODS:
         title, cfg, stage = method_config(c, method)
         unlearned, info = unlearn_vl_eraser(model, params, processor, bench, cfg, stage, out_dir,
                                             source_dir=source_dir, sharding=sharder_for(c), log=log)
         return title, unlearned, info
-    from .baselines import BASELINES, baseline_config, reference_stage, unlearn_baseline
+    from .baselines import unlearn_baseline
 
-    if method not in BASELINES:
-        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
-    section = _section(c, "baselines")
-    title, settings = baseline_config(method, dict(section.get(method, {})))
-    stage = reference_stage(method, **{**dict(section.get("stage", {})), "seed": c.seed})
+    title, settings, stage = baseline_method_config(c, method)
     unlearned, info = unlearn_baseline(
         model, params, processor, bench, method, settings, stage, out_dir, source_dir=source_dir,
         sharding=sharder_for(c), log=log)
     return title, unlearned, info
+
+
+def baseline_method_config(c, method: str):
+    """(title, BaselineConfig, StageOneConfig) of a baseline: `c.baselines.<method>` holds its BaselineConfig
+    fields and StageOneConfig fields that override the shared `c.baselines.stage` (absent: the 7B
+    reference values)."""
+    from .baselines import BASELINES, baseline_config, reference_stage
+
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
+    section = _section(c, "baselines")
+    own = dict(section.get(method, {}))
+    stage_fields = {f.name for f in dataclasses.fields(StageOneConfig)}
+    title, settings = baseline_config(method, {k: v for k, v in own.items() if k not in stage_fields})
+    stage = reference_stage(method, **{**dict(section.get("stage", {})),
+                                       **{k: v for k, v in own.items() if k in stage_fields}, "seed": c.seed})
+    return title, settings, stage
 
 
 def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, StageOneConfig]:
@@ -402,8 +414,7 @@ def mean_over_modes(results, set_name: str, metric: str) -> float:
 
 def with_method_settings(c, method: str, setting: dict):
     """A copy of config `c` with `setting` applied where `run_method` reads it: a VL-Eraser variant's fields
-    go to `c.vl_eraser`; a baseline's BaselineConfig fields to `c.baselines.<method>` and its optimizer
-    basics (StageOneConfig fields) to `c.baselines.stage`."""
+    go to `c.vl_eraser`, a baseline's (its own and optimizer basics alike) to `c.baselines.<method>`."""
     import ml_collections
 
     from .baselines import BASELINES, BaselineConfig
@@ -419,13 +430,11 @@ def with_method_settings(c, method: str, setting: dict):
         return out
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
-    method_fields = {f.name for f in dataclasses.fields(BaselineConfig)}
-    unknown = set(setting) - method_fields - stage_fields
+    unknown = set(setting) - {f.name for f in dataclasses.fields(BaselineConfig)} - stage_fields
     if unknown:
         raise ValueError(f"{method}: unknown settings {sorted(unknown)} (BaselineConfig/StageOneConfig fields)")
     section = _section(out, "baselines")
-    section[method] = {**dict(section.get(method, {})), **{k: v for k, v in setting.items() if k in method_fields}}
-    section["stage"] = {**dict(section.get("stage", {})), **{k: v for k, v in setting.items() if k not in method_fields}}
+    section[method] = {**dict(section.get(method, {})), **setting}
     out.baselines = section
     return out
 
