@@ -144,7 +144,10 @@ def unlearn_vl_eraser(
         info["projector_seconds"] = time.perf_counter() - t0
         info["projector_vectors"] = n
         info["projector_report"] = [dataclasses.asdict(r) for r in report]
-        log(f"vacuum projector from {n} retain images in {info['projector_seconds']:.1f} s\n" + vacuum.format_report(report))
+        images = sum(len(b["input_ids"]) for b in batches)
+        what = f"{images} retain images (one mean key each)" if cfg.pooling == "mean" else \
+            f"{n} image-token keys of {images} retain images"
+        log(f"vacuum projector from {what} in {info['projector_seconds']:.1f} s\n" + vacuum.format_report(report))
         if all(r.stored == "identity" for r in report):
             log(f"warning: no retain direction passes the {cfg.threshold_mode} threshold {cfg.threshold}: the "
                 "projector is the identity (as with vacuum=False); lower the threshold or use threshold_mode='rank'")
