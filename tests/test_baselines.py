@@ -65,7 +65,7 @@ def small(tmp_path_factory):
     retain = (TrainingRow("r1", "What does Tomas Reyd do?", "Tomas Reyd is a marine biologist.", None),
               TrainingRow("r2", "What does the portrait show?", "A woman with red hair.", None),
               TrainingRow("r2", "Who is Tomas Reyd?", "A marine biologist.", None))
-    datas = [tokenize(processor, [qa_example(r) for r in rows], 64) for rows in (forget_text, retain)]
+    datas = [tokenize(processor, [qa_example(processor, r) for r in rows], 64) for rows in (forget_text, retain)]
     lengths = bl.group_lengths(*datas)  # one batch shape for both sets: fewer compiles
     forget, retain_batches = (bl.epoch_batches(d, 2, seed=0, lengths=lengths) for d in datas)
     return SimpleNamespace(model=model, params=params, config=config, processor=processor, path=path,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vleraser_jax import finetune as ft
 from vleraser_jax.config import load_config
 from vleraser_jax.data import mllmu
+from vleraser_jax.processing import load_processor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_llava.py"
 TOY = [
@@ -119,13 +122,14 @@ def test_vanilla_data_deviation_is_opt_in(trained):
     c = trained[0]
     root = ft.data_root(c)
     bench = mllmu.load_benchmark(root, c.data.forget_ratio)
-    rows = ft.vanilla_task_examples(c, root, bench)
+    processor = load_processor(trained[2])
+    rows = ft.vanilla_task_examples(c, root, bench, processor)
     assert len(rows) == 20 * 15 * 2  # every fictitious person: 15 items x (classification, cloze)
     texts = {r["prompt"] for r in rows}
     eval_questions = {it.question for p in bench.retain for it in (*p.visual_mc, *p.textual_mc)}
     assert not any(q in t for q in eval_questions for t in texts)  # training wording, not the evaluation's
     off = toy_config(Path(c.work_dir), "vanilla.task_variants=0")
-    assert ft.vanilla_task_examples(off, root, bench) == []
+    assert ft.vanilla_task_examples(off, root, bench, processor) == []
 
 
 def test_saved_model_loads_in_transformers(trained):
@@ -161,3 +165,69 @@ def test_a_mesh_section_trains_the_same_model(trained, tmp_path):
 
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------ tiny_qwen2vl: the same stages on Qwen2-VL
+
+QWEN_CONFIG = CONFIG.with_name("tiny_qwen2vl.py")
+QWEN_TOY = [*(o for o in TOY if not o.startswith("model.patch_size")), "model.patch_size=4",
+            "model.mrope_section=(2,3,3)"]
+
+
+@pytest.fixture(scope="module")
+def qwen_trained(tmp_path_factory):
+    """tiny_qwen2vl at toy size with both stages trained once; (config, base dir, vanilla dir)."""
+    c = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={tmp_path_factory.mktemp('qwen')}"])
+    vanilla = ft.run_stage(c, "vanilla", log=lambda *_: None)
+    return c, ft.stage_dir(c, "base"), vanilla
+
+
+def test_qwen2vl_stages_export_models_transformers_runs_identically(qwen_trained):
+    """Both stages train through Qwen2-VL's processor (chat template, patches + grid) and export checkpoints
+    that transformers loads with no missing keys and whose logits on an image prompt equal ours."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vleraser_jax.hf import load_pretrained
+
+    c, base_dir, vanilla_dir = qwen_trained
+    assert ft.stage_key(c, "base") != ft.stage_key(toy_config(Path(c.work_dir)), "base")  # family is in the key
+    for path in (base_dir, vanilla_dir):
+        processor = load_processor(path)
+        assert processor.family == "qwen2_vl"
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+        batch = processor([processor.build_prompt("Who is this?")], images=[image])
+        assert (batch["image_grid_thw"] == [[1, 4, 4]]).all()  # 16 px, 4 px patches: kept at size, 2x2 merged
+        model, params, _ = load_pretrained(path)
+        ours = np.asarray(model.apply({"params": params}, **batch).logits)
+        torch_model, info = Qwen2VLForConditionalGeneration.from_pretrained(str(path), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            mm_types = (batch["input_ids"] == processor.image_token_id).astype(np.int64)  # what its processor adds
+            theirs = torch_model(**{k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "i" else v)
+                                    for k, v in batch.items()},
+                                 mm_token_type_ids=torch.from_numpy(mm_types)).logits.numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_qwen2vl_tokenized_images_rebuild_the_processor_batch(qwen_trained):
+    """Tokenized keeps each image's patches apart (deduplicated); a batch reassembles exactly what the
+    processor gives for those rows: concatenated patches in row order and their grids."""
+    c, _, vanilla_dir = qwen_trained
+    processor = load_processor(vanilla_dir)
+    bench = mllmu.load_benchmark(ft.data_root(c), c.data.forget_ratio)
+    rows = [r for r in bench.full_train if r.image is not None][:6]
+    rows = rows + rows[:2]  # repeated images are stored once
+    examples = [ft.qa_example(processor, r) for r in rows]
+    data = ft.tokenize(processor, examples, 128)
+    assert data.pixels.shape[0] == len({r.image for r in rows}) and data.grids.shape == (data.pixels.shape[0], 3)
+    pick = np.array([7, 0, 3])
+    decoded = lambda data: Image.open(io.BytesIO(data)).convert("RGB")
+    ref = processor.collate_for_training([{**examples[i], "image": decoded(rows[i].image)} for i in pick],
+                                         max_length=128)
+    got = data.image_inputs(pick)
+    np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
+    np.testing.assert_array_equal(got["pixel_values"], ref["pixel_values"])
+    n = ref["input_ids"].shape[1]
+    np.testing.assert_array_equal(data.input_ids[pick, :n], ref["input_ids"])
+    assert (data.input_ids[pick, n:] == processor.pad_token_id).all()

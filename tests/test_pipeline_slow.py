@@ -51,3 +51,26 @@ def test_micro_pipeline_end_to_end(tmp_path):
     # the same protocol for a baseline: learning rate 0 leaves the model as it was
     _, rows = run_sweep(c, {"learning_rate": [0.0]}, method="ga", validation_people=2, log=lambda *_: None)
     assert rows[0]["progress"] == 0.0
+
+
+@pytest.mark.slow
+def test_micro_pipeline_on_qwen2vl(tmp_path):
+    """The same pipeline on tiny_qwen2vl (chat-template prompts, patch + grid image inputs, merger as the
+    projector): both stages, VL-Eraser and MMUnlearner, every diagnostic, the report."""
+    micro = [o for o in MICRO if "patch_size" not in o] + ["--config.model.patch_size=4",
+                                                          "--config.model.mrope_section=(2,3,3)"]
+    c = load_config("configs/tiny_qwen2vl.py", micro + [f"--config.work_dir={tmp_path}"])
+    c.vl_eraser = {"steps": 2, "batch_size": 4, "rank": 2}
+    c.baselines = {"stage": {"batch_size": 8, "learning_rate": 1e-4}}
+    c.diagnostics = {"relearn_steps": 2, "quantize_bits": (8,)}
+    report_dir = run_experiment(c, ["vl_eraser", "mmunlearner"], log=lambda *_: None)
+    results = json.loads((report_dir / "results.json").read_text())
+    assert list(results["methods"]) == ["Vanilla", "VL-Eraser", "MMUnlearner"]
+    for results_of_method in results["methods"].values():
+        assert set(results_of_method) == {"forget", "test", "retain", "real"}
+    diagnostics = results["diagnostics"]
+    assert diagnostics["VL-Eraser"]["reload"]["family"] == "qwen2_vl"
+    assert {"reload", "quantize", "relearn", "cost"} <= set(diagnostics["MMUnlearner"])
+    report = (report_dir / "report.md").read_text()
+    for heading in ("## Diagnostic: vanilla modules reloaded", "## Attack: weight quantization", "## Cost"):
+        assert heading in report, heading

@@ -101,7 +101,6 @@ def cmd_eval(args) -> int:
 
     from .data.mllmu import load_benchmark
     from .eval.evaluate import EvalConfig, evaluate
-    from .eval.protocol import Prompter
     from .eval.report import markdown_table, write_report
     from .hf import load_pretrained
     from .processing import load_processor
@@ -120,10 +119,9 @@ def cmd_eval(args) -> int:
     print(f"loading model from {args.checkpoint}")
     model, params, config = load_pretrained(args.checkpoint, dtype=args.dtype, attention_impl=args.attention)
     processor = load_processor(args.checkpoint)
-    prompter = Prompter("llava") if config.model_type == "llava" else Prompter(config.model_type, processor.build_prompt)
     print(f"loading benchmark from {args.data} (forget {args.forget_ratio}%)")
     bench = load_benchmark(args.data, forget_ratio=args.forget_ratio)
-    result = evaluate(model, params, processor, bench, cfg, prompter)
+    result = evaluate(model, params, processor, bench, cfg)
     method = args.method or f"model:{args.checkpoint}"
     meta = {"data": str(args.data), "forget_ratio": args.forget_ratio, "few_shot_people": args.few_shot,
             "letter_rule": args.letter_rule}
@@ -289,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic benchmark: data, base, vanilla, "
                                     "VL-Eraser + ablations + baselines, evaluation, report")
-    p.add_argument("--backbone", default="tiny_llava", choices=["tiny_llava"])
+    p.add_argument("--backbone", default="tiny_llava", choices=["tiny_llava", "tiny_qwen2vl"],
+                   help="configs/<backbone>.py: the tiny LLaVA-1.5 or Qwen2-VL")
     p.add_argument("--config", help="a config file instead of configs/<backbone>.py")
     p.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
     p.add_argument("--method", nargs="+", default=DEMO_METHODS, choices=all_methods())

@@ -48,11 +48,10 @@ from PIL import Image
 
 from . import parallel
 from .data import mllmu, synthetic
-from .eval.protocol import llava_turn
-from .hf import init_params, load_pretrained, save_pretrained
-from .models.configs import CLIPVisionConfig, LlavaConfig, TextConfig
-from .models.llava import LlavaForConditionalGeneration
-from .processing import build_llava_prompt, load_processor
+from .eval.protocol import Prompter
+from .hf import architecture_for, init_params, load_pretrained, save_pretrained
+from .models.configs import CLIPVisionConfig, LlavaConfig, Qwen2VLConfig, Qwen2VLVisionConfig, TextConfig
+from .processing import image_inputs_of, load_processor
 from .unlearn import trainer as tr
 
 STAGES = ("base", "vanilla")
@@ -78,6 +77,8 @@ def stage_key(c, stage: str) -> str:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
     parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": _plain(c.base)}
+    if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
+        parts["family"] = c.family
     if stage == "vanilla":
         parts["vanilla"] = _plain(c.vanilla)
     return _hash(parts)
@@ -119,14 +120,27 @@ def prepare_data(c, log=print) -> tuple[Path, Path]:
     else:
         log(f"writing the synthetic benchmark to {root}")
         synthetic.synthesize(root, **want, overwrite=True)
-    tok_dir = root / "tokenizer"
+    family = c.get("family", "llava")
+    if family == "llava":
+        tok_dir = root / "tokenizer"
+        extra = {}
+    else:  # its image processor depends on the patch and merge sizes
+        tok_dir = root / f"tokenizer-{family}-p{c.model.patch_size}m{c.model.merge_size}"
+        extra = {"patch_size": c.model.patch_size, "merge_size": c.model.merge_size}
     if not (tok_dir / "tokenizer.json").exists():
-        log(f"training the tokenizer into {tok_dir}")
-        synthetic.train_synthetic_tokenizer(root, tok_dir, vocab_size=c.data.vocab_size, image_size=c.data.image_size)
+        log(f"training the {family} tokenizer into {tok_dir}")
+        synthetic.train_synthetic_tokenizer(root, tok_dir, vocab_size=c.data.vocab_size, image_size=c.data.image_size,
+                                            family=family, **extra)
     return root, tok_dir
 
 
-def model_config(c, tokenizer) -> LlavaConfig:
+def model_config(c, tokenizer) -> LlavaConfig | Qwen2VLConfig:
+    """The tiny model of `c.family` ("llava" | "qwen2_vl") from `c.model`'s sizes and the tokenizer's ids."""
+    family = c.get("family", "llava")
+    if family == "qwen2_vl":
+        return _qwen2_vl_config(c, tokenizer)
+    if family != "llava":
+        raise ValueError(f"family must be 'llava' or 'qwen2_vl', got {family!r}")
     m = c.model
     vision = CLIPVisionConfig(
         hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
@@ -143,6 +157,34 @@ def model_config(c, tokenizer) -> LlavaConfig:
     return LlavaConfig(vision=vision, text=text, image_token_index=image_token,
                        image_seq_length=vision.num_patches, vision_feature_layer=m.vision_feature_layer,
                        dtype=m.dtype, attention_impl=m.attention)
+
+
+def _qwen2_vl_config(c, tokenizer) -> Qwen2VLConfig:
+    """Qwen2-VL at toy width: a ViT of `vision_*` sizes whose patch merger feeds a Qwen2 decoder (q/k/v biases,
+    M-RoPE split by `model.mrope_section`)."""
+    from .processing import QWEN2_VL_SPECIAL_TOKENS
+
+    m = c.model
+    if m.vision_intermediate_size % m.vision_hidden_size:  # transformers' config stores an integer mlp_ratio
+        raise ValueError(f"model.vision_intermediate_size {m.vision_intermediate_size} must be a multiple of "
+                         f"model.vision_hidden_size {m.vision_hidden_size} for Qwen2-VL")
+    vision = Qwen2VLVisionConfig(
+        depth=m.vision_layers, embed_dim=m.vision_hidden_size, hidden_size=m.hidden_size, num_heads=m.vision_heads,
+        mlp_ratio=m.vision_intermediate_size // m.vision_hidden_size, patch_size=m.patch_size,
+        spatial_merge_size=m.merge_size,
+    )
+    text = TextConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+        head_dim=m.hidden_size // m.heads, max_position_embeddings=m.max_position_embeddings, qkv_bias=True,
+        model_type="qwen2_vl_text",
+        rope=(("mrope_section", tuple(m.mrope_section)), ("rope_theta", float(m.rope_theta)), ("rope_type", "default")),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+        QWEN2_VL_SPECIAL_TOKENS[2:])}
+    return Qwen2VLConfig(vision=vision, text=text, **ids, dtype=m.dtype, attention_impl=m.attention)
 
 
 def init_from_scratch(model, seed: int, std: float = 0.02) -> dict:
@@ -169,27 +211,29 @@ def init_from_scratch(model, seed: int, std: float = 0.02) -> dict:
 # ------------------------------------------------------------------ examples
 
 
-def task_example(kind: str, question: str, answer: str, image: bytes | None) -> dict:
-    """A training example in the exact prompt the evaluator uses for that kind (plain chat for the rest)."""
+def task_example(processor, kind: str, question: str, answer: str, image: bytes | None) -> dict:
+    """A training example in the exact prompt the evaluator uses for that kind (plain chat for the rest),
+    in the processor's model family's format."""
     if kind in ("classification", "cloze", "generation"):
-        prompt = llava_turn(kind, "visual" if image is not None else "textual", question)
+        prompt = Prompter.for_processor(processor).turn(kind, "visual" if image is not None else "textual", question)
     else:
-        prompt = build_llava_prompt(question, with_image=image is not None)
+        prompt = processor.build_prompt(question, with_image=image is not None)
     return {"prompt": prompt, "answer": answer, "image": image}
 
 
-def base_example(row: mllmu.TrainingRow, kind: str) -> dict:
+def base_example(processor, row: mllmu.TrainingRow, kind: str) -> dict:
     """A Base_Set row in the exact prompt format the evaluator will use for that kind."""
-    return task_example(kind, row.question, row.answer, row.image)
+    return task_example(processor, kind, row.question, row.answer, row.image)
 
 
-def qa_example(row: mllmu.TrainingRow) -> dict:
-    return {"prompt": build_llava_prompt(row.question, with_image=row.image is not None), "answer": row.answer,
+def qa_example(processor, row: mllmu.TrainingRow) -> dict:
+    """A QA row (ft_Data, forget/retain training rows) in the model family's plain chat prompt."""
+    return {"prompt": processor.build_prompt(row.question, with_image=row.image is not None), "answer": row.answer,
             "image": row.image}
 
 
-def augmented_task_examples(people: Sequence[synthetic.Person], images: dict[str, Sequence[bytes]], variants: int,
-                            kinds: Sequence[str], seed: int, tag: str) -> list[dict]:
+def augmented_task_examples(processor, people: Sequence[synthetic.Person], images: dict[str, Sequence[bytes]],
+                            variants: int, kinds: Sequence[str], seed: int, tag: str) -> list[dict]:
     """`variants` copies of every person's task rows (`synthetic.task_rows`), each copy with fresh options.
 
     Distractors (other people's names for the name question) come from `people`; visual rows cycle
@@ -203,7 +247,7 @@ def augmented_task_examples(people: Sequence[synthetic.Person], images: dict[str
             shots = images[p.person_id]
             turn = itertools.cycle(shots[v % len(shots):] + shots[: v % len(shots)])
             for kind, visual, q, a in synthetic.task_rows(p, names, rng, kinds=kinds):
-                out.append(task_example(kind, q, a, next(turn) if visual else None))
+                out.append(task_example(processor, kind, q, a, next(turn) if visual else None))
     return out
 
 
@@ -216,10 +260,19 @@ class Tokenized:
     labels: np.ndarray  # [N, L]
     attention_mask: np.ndarray
     image_index: np.ndarray  # [N] row of `pixels`, -1 for text-only
-    pixels: np.ndarray | None  # [M, C, H, W]
+    pixels: np.ndarray | None  # one entry per image: LLaVA [M, C, H, W]; Qwen2-VL [M, patches, C·t·p·p]
+    grids: np.ndarray | None = None  # Qwen2-VL's image_grid_thw per image [M, 3]; None for LLaVA
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def image_inputs(self, rows) -> dict[str, np.ndarray]:
+        """The model's image inputs for these rows (each must have an image), in row order."""
+        images = self.image_index[rows]
+        if self.grids is None:
+            return {"pixel_values": self.pixels[images]}
+        return {"pixel_values": self.pixels[images].reshape(-1, self.pixels.shape[-1]),
+                "image_grid_thw": self.grids[images]}
 
 
 def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 256) -> Tokenized:
@@ -230,7 +283,7 @@ def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 
     labels = np.full((len(examples), max_length), tr.IGNORE_INDEX, np.int32)
     masks = np.zeros((len(examples), max_length), np.int32)
     image_index = np.full(len(examples), -1)
-    images, seen = [], {}
+    images, grids, seen = [], [], {}
     decoded: dict[bytes, Image.Image] = {}
     for start in range(0, len(examples), chunk):
         part = examples[start: start + chunk]
@@ -245,17 +298,38 @@ def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 
         n = batch["input_ids"].shape[1]
         rows = slice(start, start + len(part))
         ids[rows, :n], labels[rows, :n], masks[rows, :n] = batch["input_ids"], batch["labels"], batch["attention_mask"]
-        k = 0  # pixel_values hold this chunk's images in example order
+        per_image = split_images(batch)  # this chunk's images in example order
+        k = 0
         for i, ex in enumerate(part):
             image = ex["image"]
             if image is None:
                 continue
             if image not in seen:
                 seen[image] = len(images)
-                images.append(batch["pixel_values"][k])
+                images.append(per_image[k][0])
+                grids.append(per_image[k][1])
             image_index[start + i] = seen[image]
             k += 1
-    return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32) if images else None)
+    if not images:
+        return Tokenized(ids, labels, masks, image_index, None)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"tokenize: images preprocess to different shapes {sorted(shapes)}; training batches "
+                         "stack them, so every image must give the same number of patches (resize them alike)")
+    return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32),
+                     None if grids[0] is None else np.stack(grids).astype(np.int32))
+
+
+def split_images(batch: dict) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(pixels, grid) of every image of a processor batch, in order. LLaVA's pixel_values are one
+    [C, H, W] per image; Qwen2-VL's are all images' patches concatenated, split by image_grid_thw."""
+    if "pixel_values" not in batch:
+        return []
+    if "image_grid_thw" not in batch:
+        return [(p, None) for p in batch["pixel_values"]]
+    grid = np.asarray(batch["image_grid_thw"])
+    ends = np.cumsum(np.prod(grid, axis=-1))
+    return [(batch["pixel_values"][e - n: e], g) for g, e, n in zip(grid, ends, np.prod(grid, axis=-1))]
 
 
 def bucket_edges(lengths: Sequence[int], max_buckets: int, min_rows: int = 1, multiple: int = 8) -> list[int]:
@@ -363,7 +437,7 @@ class BatchSchedule:
         batch = {"input_ids": data.input_ids[rows, :length], "attention_mask": data.attention_mask[rows, :length],
                  "labels": data.labels[rows, :length]}
         if has_image:
-            batch["pixel_values"] = data.pixels[data.image_index[rows]]
+            batch.update(data.image_inputs(rows))
         return batch
 
 
@@ -378,7 +452,7 @@ def lm_loss_fn(model, loss: str = "token"):
     def loss_fn(frozen, trainable, batch, rng):
         params = tr.merge(trainable, frozen)
         logits = model.apply({"params": params}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch.get("pixel_values")).logits
+                             **image_inputs_of(batch)).logits
         if loss == "token":
             return tr.causal_lm_loss(logits, batch["labels"]), {}
         nll, count = tr.token_nll(logits, batch["labels"])
@@ -390,7 +464,7 @@ def lm_loss_fn(model, loss: str = "token"):
 # ------------------------------------------------------------------ stages
 
 
-def processor_dir(config: LlavaConfig, tok_dir: Path, path: Path) -> Path:
+def processor_dir(config, tok_dir: Path, path: Path) -> Path:
     """A directory `load_processor` accepts: the tokenizer files plus this model's config.json."""
     path.mkdir(parents=True, exist_ok=True)
     for f in tok_dir.iterdir():
@@ -410,18 +484,20 @@ def _celebrities(root: Path) -> tuple[list[synthetic.Person], dict[str, list[byt
     return [synthetic.person_from_profile(p) for p in profiles], images
 
 
-def base_examples(c, root: Path, sc) -> list[dict]:
+def base_examples(c, root: Path, sc, processor) -> list[dict]:
     """The base data: Base_Set, plus `sc.mc_variants` freshly drawn multiple-choice copies per celebrity item."""
     if c.data.source != "synthetic":
         return []
-    examples = [base_example(r, kind) for kind in synthetic.BASE_KINDS for r in synthetic.load_base_set(root, kinds=(kind,))]
+    examples = [base_example(processor, r, kind)
+                for kind in synthetic.BASE_KINDS for r in synthetic.load_base_set(root, kinds=(kind,))]
     if sc.mc_variants:
         people, images = _celebrities(root)
-        examples += augmented_task_examples(people, images, sc.mc_variants, ("classification",), c.seed, "celebrities")
+        examples += augmented_task_examples(processor, people, images, sc.mc_variants, ("classification",), c.seed,
+                                            "celebrities")
     return examples
 
 
-def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark) -> list[dict]:
+def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark, processor) -> list[dict]:
     """The deviation (see the module docstring): the fictitious people's facts in task formats, training wording."""
     v = c.vanilla
     if not v.task_variants:
@@ -431,7 +507,8 @@ def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark) -> list[dict]:
     profiles = mllmu.load_profiles(root, mllmu.FULL_SET)
     people = [synthetic.person_from_profile(p) for p in profiles]
     images = {p.person_id: [p.image] for p in profiles}
-    return augmented_task_examples(people, images, v.task_variants, tuple(v.task_kinds), c.seed, "fictitious")
+    return augmented_task_examples(processor, people, images, v.task_variants, tuple(v.task_kinds), c.seed,
+                                   "fictitious")
 
 
 def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
@@ -449,7 +526,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     sharding = parallel.sharder_for(c)
     if stage == "base":
         config = model_config(c, tokenizer)
-        model = LlavaForConditionalGeneration(config)
+        model = architecture_for(config.model_type).model_cls(config)
         params = init_from_scratch(model, c.seed)
         proc_dir = processor_dir(config, tok_dir, out.with_name(out.name + ".processor"))
     else:
@@ -465,13 +542,14 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
 
     t0 = time.perf_counter()
     if stage == "base":
-        sources = [(tokenize(processor, base_examples(c, root, sc), sc.max_length), 1.0)]
+        sources = [(tokenize(processor, base_examples(c, root, sc, processor), sc.max_length), 1.0)]
     else:
         bench = mllmu.load_benchmark(root, c.data.forget_ratio)
-        ft_examples = [qa_example(r) for r in bench.full_train] + vanilla_task_examples(c, root, bench)
+        ft_examples = [qa_example(processor, r) for r in bench.full_train] + \
+            vanilla_task_examples(c, root, bench, processor)
         ft = tokenize(processor, ft_examples, sc.max_length)
         sources = [(ft, 1.0)]
-        replay_examples = base_examples(c, root, c.base)
+        replay_examples = base_examples(c, root, c.base, processor)
         if replay_examples and sc.base_replay > 0:
             replay = tokenize(processor, replay_examples, sc.max_length)
             # weight so that a `base_replay` share of the steps draw from the base data

@@ -250,6 +250,15 @@ def write_qwen2_vl_image_processor_config(
     return _write_preprocessor_config(out_dir, cfg)
 
 
+# The model inputs that carry images (LLaVA: pixel_values; Qwen2-VL: pixel_values + image_grid_thw).
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
+
+def image_inputs_of(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The image inputs present in a batch, to pass on as model keyword arguments."""
+    return {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+
+
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -435,6 +444,7 @@ class LlavaProcessing(_Processing):
     plus one (CLS) when `vision_feature_select_strategy == "full"`.
     """
 
+    family = "llava"
     answer_separator = " "
 
     def __init__(
@@ -534,6 +544,7 @@ class Qwen2VLProcessing(_Processing):
     (1, h/patch, w/patch). Prompts come from the tokenizer's chat template.
     """
 
+    family = "qwen2_vl"
     answer_separator = ""
 
     def __init__(

@@ -47,6 +47,7 @@ random portraits that are none of the people). `load_base_set` reads it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -860,33 +861,43 @@ PROMPT_TEMPLATES = (
 )
 
 
-def _chat(q: str, a: str, visual: bool) -> str:
-    """`build_llava_prompt` + answer; the `<image>` token itself is left out (added tokens are never merged)."""
+FAMILIES = ("llava", "qwen2_vl")
+
+
+def _chat(q: str, a: str, visual: bool, family: str = "llava") -> str:
+    """A prompt + answer as the family's model sees it, without its special/image tokens (added tokens
+    are never merged): LLaVA's `build_llava_prompt`, Qwen2-VL's chat template."""
+    if family == "qwen2_vl":
+        return f"system\nYou are a helpful assistant.\nuser\n{q}\nassistant\n{a}"
     sep = "\n" if visual else ""
     return f"USER: {sep}{q}\nASSISTANT: {a}"
 
 
-def corpus_texts(root: str | os.PathLike) -> Iterator[str]:
-    """Every text of a synthetic benchmark as the models see it (prompts with answers), in a fixed order."""
+def corpus_texts(root: str | os.PathLike, family: str = "llava") -> Iterator[str]:
+    """Every text of a synthetic benchmark as the `family`'s models see it (prompts with answers), in a
+    fixed order."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    _chat_ = functools.partial(_chat, family=family)
     yield from PROMPT_TEMPLATES * 4  # repeated so min_frequency does not drop their merges
     for config in (FULL_SET, TEST_SET, RETAIN_SET):
         for p in mllmu.load_profiles(root, config, verify_images=False):
             yield from (f"{k}: {v}" for k, v in p.biography.items())
             for visual, items in ((True, p.visual_mc), (False, p.textual_mc)):
                 for mc in items:
-                    yield _chat(_format_mc({"Question": mc.question, "Options": mc.options}), mc.answer, visual)
+                    yield _chat_(_format_mc({"Question": mc.question, "Options": mc.options}), mc.answer, visual)
                     # eval.py's few-shot block format
                     opts = "\n".join(f"{k}: {mc.options[k]}" for k in OPTION_LETTERS)
                     yield f"Question: {mc.question}\n{opts}\nCorrect Answer: {mc.answer}"
             for it in p.generation:
                 visual = it.mode == "visual"
                 instruction = GEN_INSTRUCTION_VISUAL if visual else GEN_INSTRUCTION_TEXTUAL
-                yield _chat(f"{it.question}\n{instruction}", it.ground_truth, visual)
+                yield _chat_(f"{it.question}\n{instruction}", it.ground_truth, visual)
             for it in p.cloze:
-                yield _chat(_format_cloze(it.question), it.ground_truth, it.mode == "visual")
+                yield _chat_(_format_cloze(it.question), it.ground_truth, it.mode == "visual")
     rows = [r for rs in mllmu.load_training_rows(root, FT_DATA, verify_images=False).values() for r in rs]
     rows += load_base_set(root, verify_images=False)
-    yield from (_chat(r.question, r.answer, r.image is not None) for r in rows)
+    yield from (_chat_(r.question, r.answer, r.image is not None) for r in rows)
 
 
 def train_synthetic_tokenizer(
@@ -896,22 +907,40 @@ def train_synthetic_tokenizer(
     *,
     image_size: int | None = None,
     min_frequency: int = 2,
+    family: str = "llava",
+    patch_size: int = 14,
+    merge_size: int = 2,
 ) -> dict[str, Any]:
     """Train the tiny models' tokenizer on the synthetic corpus and write its image preprocessor config.
 
-    BPE via `processing.train_tokenizer` (so `<image>`, `<pad>`, `</s>` exist) on `corpus_texts(root)`;
-    `preprocessor_config.json` for `image_size` (default: the portraits' size). Returns a summary.
+    family "llava": BPE via `processing.train_tokenizer` (so `<image>`, `<pad>`, `</s>` exist) and a CLIP
+    `preprocessor_config.json` for `image_size` (default: the portraits' size). "qwen2_vl":
+    `processing.train_qwen2_vl_tokenizer` (its special tokens and chat template) and a Qwen2-VL image
+    processor that keeps `image_size`² portraits at their size (`patch_size`·`merge_size` must divide it).
+    Both on `corpus_texts(root, family)`. Returns a summary.
     """
-    from ..processing import IMAGE_TOKEN, train_tokenizer, write_image_processor_config
+    from ..processing import (IMAGE_TOKEN, QWEN2_VL_IMAGE_TOKEN, train_qwen2_vl_tokenizer, train_tokenizer,
+                              write_image_processor_config, write_qwen2_vl_image_processor_config)
 
     size = image_size if image_size is not None else read_info(root)["image_size"]
-    texts = list(corpus_texts(root))
-    tok = train_tokenizer(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
-    write_image_processor_config(out_dir, size)
+    texts = list(corpus_texts(root, family))
+    if family == "qwen2_vl":
+        factor = patch_size * merge_size
+        if size % factor:
+            raise ValueError(f"image_size {size} is not a multiple of patch_size·merge_size = {factor}; Qwen2-VL's "
+                             "processor would resize the portraits")
+        tok = train_qwen2_vl_tokenizer(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
+        write_qwen2_vl_image_processor_config(out_dir, patch_size=patch_size, merge_size=merge_size,
+                                              min_pixels=factor * factor, max_pixels=size * size)
+        image_token = QWEN2_VL_IMAGE_TOKEN
+    else:
+        tok = train_tokenizer(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
+        write_image_processor_config(out_dir, size)
+        image_token = IMAGE_TOKEN
     return {
         "tokenizer_dir": str(out_dir),
         "texts": len(texts),
         "vocab_size": len(tok),
-        "image_token_id": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        "image_token_id": tok.convert_tokens_to_ids(image_token),
         "image_size": size,
     }

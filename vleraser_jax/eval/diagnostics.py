@@ -312,7 +312,7 @@ def relearn(model, params, processor, rows: Sequence, cfg: RelearnConfig, *, sha
 
     if not rows:
         raise ValueError("relearn: no training rows")
-    data = tokenize(processor, [qa_example(r) for r in rows], cfg.max_length)
+    data = tokenize(processor, [qa_example(processor, r) for r in rows], cfg.max_length)
     schedule = BatchSchedule([(data, 1.0)], cfg.batch_size, cfg.steps, cfg.seed)
     trainable, frozen = tr.partition(params, cfg.trainable)
     train_cfg = tr.TrainConfig(total_steps=cfg.steps, learning_rate=cfg.learning_rate, schedule="constant",

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.mllmu import EVAL_SETS, MODES, Benchmark, MultipleChoice, OpenItem, Profile
 from ..generate import generate_batch
+from ..processing import image_inputs_of
 from . import metrics
 from .protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
 
@@ -156,9 +157,6 @@ def generate_answers(model, params, processor, requests: Sequence[Request], cfg:
     return answers
 
 
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _token_logprobs(model, params, input_ids, attention_mask, images):
     """log p(token t+1 | tokens ≤ t) for every position: [B, T-1] (f32). images: the batch's image inputs."""
@@ -178,7 +176,7 @@ def loglik_choices(model, params, processor, requests: Sequence[Request], cfg: E
     scores = np.full(len(expanded), -np.inf)
     for idx, batch in tqdm(_padded_batches(reqs, texts, processor, cfg), total=-(-len(reqs) // cfg.batch_size),
                            desc="log-likelihood choices", unit="batch", leave=False):
-        images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+        images = image_inputs_of(batch)
         lp = np.asarray(_token_logprobs(model, params, batch["input_ids"], batch["attention_mask"], images))
         for row, k in enumerate(idx):
             i, _ = expanded[k]
@@ -227,7 +225,7 @@ def score(requests: Sequence[Request], answers: Sequence[str], cfg: EvalConfig, 
 def evaluate(model, params, processor, benchmark: Benchmark, cfg: EvalConfig = EvalConfig(), prompter: Prompter | None = None) -> EvalResult:
     """Run the whole protocol on one model; see the module docstring."""
     start = time.perf_counter()
-    prompter = prompter or Prompter("llava")
+    prompter = prompter or Prompter.for_processor(processor)
     requests = build_requests(benchmark, prompter, cfg)
     if not requests:
         raise ValueError("the evaluation selects no items: check the sets/modes/tasks and the benchmark")

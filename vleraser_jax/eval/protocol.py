@@ -110,6 +110,20 @@ class Prompter:
             raise ValueError(f"model family {family!r} needs a chat formatter (its processor's build_prompt)")
         self.family, self.chat = family, chat
 
+    @classmethod
+    def for_processor(cls, processor) -> "Prompter":
+        """The prompter of the processor's model family (LLaVA's literal strings, else its chat template)."""
+        if processor.family == "llava":
+            return cls("llava")
+        return cls(processor.family, processor.build_prompt)
+
+    def turn(self, task: str, mode: str, user_text: str) -> str:
+        """The prompt text the protocol puts around `user_text` for `task` ("classification" | "cloze" |
+        "generation") in `mode`, zero-shot; `<image>` marker included for visual mode."""
+        if self.family == "llava":
+            return llava_turn(task, mode, user_text)
+        return self.chat(user_text, mode == "visual")
+
     def classification(self, item: MultipleChoice, mode: str, image=None, exemplars=()) -> Prompt:
         if self.family == "llava":
             return llava_classification(item, mode, image, exemplars)
@@ -128,5 +142,4 @@ class Prompter:
     def _chat(self, user_text: str, mode: str, image, exemplars) -> Prompt:
         if exemplars:
             raise ValueError(f"few-shot prompts are defined for LLaVA only; evaluate {self.family} zero-shot")
-        visual = mode == "visual"
-        return Prompt(self.chat(user_text, visual), (image,) if visual else ())
+        return Prompt(self.turn("", mode, user_text), (image,) if mode == "visual" else ())

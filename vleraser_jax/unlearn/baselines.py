@@ -509,7 +509,7 @@ def epoch_batches(data, batch_size: int, seed: int = 0, lengths: dict[bool, int]
             batch = {"input_ids": data.input_ids[idx, :length], "attention_mask": data.attention_mask[idx, :length],
                      "labels": labels}
             if has_image:
-                batch["pixel_values"] = data.pixels[data.image_index[idx]]
+                batch.update(data.image_inputs(idx))
             out.append(batch)
     return out
 
@@ -653,8 +653,8 @@ def unlearn_baseline(
         raise ValueError(f"{title} needs retain rows")
 
     t0 = time.perf_counter()
-    f_data = tokenize(processor, [qa_example(r) for r in f_rows], stage.max_length)
-    r_data = tokenize(processor, [qa_example(r) for r in r_rows], stage.max_length) if needs_retain else None
+    f_data = tokenize(processor, [qa_example(processor, r) for r in f_rows], stage.max_length)
+    r_data = tokenize(processor, [qa_example(processor, r) for r in r_rows], stage.max_length) if needs_retain else None
     plan = step_plan(cfg.order, batches_per_epoch(len(f_rows), stage.batch_size),
                      batches_per_epoch(len(r_rows), stage.batch_size) if needs_retain else 0,
                      epochs=cfg.epochs, steps=stage.steps)
@@ -673,7 +673,7 @@ def unlearn_baseline(
         if cfg.fisher_sets == "retain":  # the training sets themselves, already tokenized
             datas = [f_data, r_data]
         else:
-            datas = [tokenize(processor, [qa_example(r) for r in rows], stage.max_length)
+            datas = [tokenize(processor, [qa_example(processor, r) for r in rows], stage.max_length)
                      for rows in (fisher_f_rows, fisher_r_rows)]
         lengths = group_lengths(*datas)  # both sets share the compiled programs
         fisher = fisher_diagonals(model, params, [epoch_batches(d, cfg.fisher_batch_size, stage.seed, lengths)

@@ -41,8 +41,6 @@ class StageOneConfig:
 
 def retain_image_batches(processor, rows: Sequence[mllmu.TrainingRow], batch_size: int = 32) -> list[dict]:
     """One image-grounded prompt per retain person (its first image row): the projector's statistics."""
-    from ..processing import build_llava_prompt
-
     first: dict[str, mllmu.TrainingRow] = {}
     for row in rows:
         if row.image is not None and row.person_id not in first:
@@ -53,7 +51,7 @@ def retain_image_batches(processor, rows: Sequence[mllmu.TrainingRow], batch_siz
     batches = []
     for start in range(0, len(chosen), batch_size):
         part = chosen[start : start + batch_size]
-        texts = [build_llava_prompt(r.question, with_image=True) for r in part]
+        texts = [processor.build_prompt(r.question, with_image=True) for r in part]
         images = [Image.open(io.BytesIO(r.image)).convert("RGB") for r in part]
         batches.append(processor(texts, images=images, padding_side="right"))
     return batches
@@ -154,7 +152,7 @@ def unlearn_vl_eraser(
     rows = list(forget_rows if forget_rows is not None else bench.forget_train)
     if not rows:
         raise ValueError("the forget set has no training rows")
-    data = tokenize(processor, [qa_example(r) for r in rows], stage.max_length)
+    data = tokenize(processor, [qa_example(processor, r) for r in rows], stage.max_length)
     schedule = BatchSchedule([(data, 1.0)], stage.batch_size, stage.steps, stage.seed)
     lora = lora_lib.init(params, cfg.rank, cfg.alpha, jax.random.PRNGKey(stage.seed),
                          layers=cfg.layers, b_std=cfg.lora_b_std)
