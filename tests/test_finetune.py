@@ -167,6 +167,59 @@ def test_a_mesh_section_trains_the_same_model(trained, tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def test_vanilla_lora_from_a_checkpoint_changes_only_lm_linears_by_low_rank(trained, tmp_path):
+    """The 7B recipe at toy size: `model.checkpoint` is the base (nothing retrained), `vanilla.epochs` sets the
+    steps, and a rank-2 LoRA on every LM linear is merged: every other weight is bit-identical to the base and
+    each LM linear moved by a matrix of rank <= 2."""
+    import json
+
+    from flax import traverse_util
+
+    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.unlearn import lora as lora_lib
+
+    _, base_dir, _, _ = trained
+    c = toy_config(tmp_path, f"model.checkpoint={base_dir}", "vanilla.lora_rank=2", "vanilla.lora_alpha=4",
+                   "vanilla.steps=0", "vanilla.base_replay=0.0", "vanilla.learning_rate=0.01")
+    with c.unlocked():
+        c.vanilla.epochs = 0.01
+    lines: list[str] = []
+    assert ft.run_stage(c, "base", log=lines.append) == base_dir and lines == [f"base: the pretrained checkpoint {base_dir}"]
+    out = ft.run_stage(c, "vanilla", log=lines.append)
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    rows = 20 * 15 * 2 + len(mllmu.load_benchmark(ft.data_root(c), 5).full_train)  # task rows + ft_Data
+    assert meta["lora_rank"] == 2 and meta["steps"] == -(-int(0.01 * rows) // 4)
+    _, before, _ = load_pretrained(base_dir)
+    _, after, _ = load_pretrained(out)
+    targeted = {tuple(p.split("/")) + ("kernel",) for p in lora_lib.target_paths(before, lora_lib.LM_LINEARS)}
+    flat_before, flat_after = traverse_util.flatten_dict(before), traverse_util.flatten_dict(after)
+    assert len(targeted) == 7  # one block: q, k, v, o, gate, up, down
+    for path, old in flat_before.items():
+        new = np.asarray(flat_after[path], np.float64)
+        if path in targeted:
+            delta = new - np.asarray(old, np.float64)
+            singular = np.linalg.svd(delta, compute_uv=False)
+            assert singular[0] > 0 and (singular[2:] <= 1e-5 * singular[0]).all(), (path, singular[:4])
+        else:
+            np.testing.assert_array_equal(new, np.asarray(old), err_msg="/".join(path))
+
+
+def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
+    """configs/llava_1_5_7b.py's vanilla stage (MLLMU-Bench's LoRA recipe, epochs, mesh, orbax saves) runs as
+    written on a toy checkpoint and an MLLMU-layout benchmark; only the epochs and the CPU dtype are changed."""
+    import json
+
+    _, base_dir, _, _ = trained
+    c = load_config(CONFIG.with_name("llava_1_5_7b.py"), [
+        f"model.checkpoint={base_dir}", f"data.root={ft.data_root(trained[0])}", f"work_dir={tmp_path}",
+        "model.dtype=float32", "model.attention=xla", "vanilla.epochs=0.03", "vanilla.save_every=2"])
+    out = ft.run_stage(c, "vanilla", log=lambda *_: None)
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["lora_rank"] == 16 and meta["steps"] >= 2
+    assert (out.with_name(out.name + ".ckpt")).is_dir()  # periodic orbax saves for resuming
+    assert load_processor(out).family == "llava"
+
+
 # ------------------------------------------------------------------ tiny_qwen2vl: the same stages on Qwen2-VL
 
 QWEN_CONFIG = CONFIG.with_name("tiny_qwen2vl.py")

@@ -85,8 +85,13 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.vanilla.lora_alpha = 16
     c.vanilla.learning_rate = 2e-5
     c.vanilla.batch_size = 4
-    c.vanilla.epochs = 5
+    c.vanilla.epochs = 5.0
     c.vanilla.max_length = max_length
+    # LoRA on every LM linear (finetune.run_stage's default pattern), merged into the saved vanilla model.
+    # Linear decay without warmup, as the MLLMU-Bench unlearning scripts schedule their steps.
+    c.vanilla.schedule = "linear"
+    c.vanilla.warmup_steps = 0
+    c.vanilla.save_every = 500  # orbax saves: an interrupted run resumes where it stopped
 
     # VL-Eraser stage 1 (VLEraserConfig + StageOneConfig fields, read by unlearn.run.method_config).
     c.vl_eraser = ml_collections.ConfigDict()

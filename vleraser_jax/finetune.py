@@ -52,6 +52,7 @@ from .eval.protocol import Prompter
 from .hf import architecture_for, init_params, load_pretrained, save_pretrained
 from .models.configs import CLIPVisionConfig, LlavaConfig, Qwen2VLConfig, Qwen2VLVisionConfig, TextConfig
 from .processing import image_inputs_of, load_processor
+from .unlearn import lora as lora_lib
 from .unlearn import trainer as tr
 
 STAGES = ("base", "vanilla")
@@ -76,7 +77,8 @@ def stage_key(c, stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
-    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": _plain(c.base)}
+    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model),
+             "base": _plain(c.get("base") or {})}
     if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
         parts["family"] = c.family
     if stage == "vanilla":
@@ -444,14 +446,21 @@ class BatchSchedule:
 LOSSES = ("token", "example")
 
 
-def lm_loss_fn(model, loss: str = "token"):
-    """Next-token loss on answer tokens: mean over tokens ("token") or mean of each row's mean ("example")."""
+def lm_loss_fn(model, loss: str = "token", lora: bool = False):
+    """Next-token loss on answer tokens: mean over tokens ("token") or mean of each row's mean ("example").
+
+    lora=False: trainable and frozen are complementary parameter subtrees. lora=True: trainable is a LoRA's
+    a/b matrices and frozen is {"params": the model, "lora_scales": the LoRA's scales}.
+    """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def loss_fn(frozen, trainable, batch, rng):
-        params = tr.merge(trainable, frozen)
-        logits = model.apply({"params": params}, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        if lora:
+            variables = {"params": frozen["params"], "lora": tr.merge(trainable, frozen["lora_scales"])}
+        else:
+            variables = {"params": tr.merge(trainable, frozen)}
+        logits = model.apply(variables, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              **image_inputs_of(batch)).logits
         if loss == "token":
             return tr.causal_lm_loss(logits, batch["labels"]), {}
@@ -500,7 +509,7 @@ def base_examples(c, root: Path, sc, processor) -> list[dict]:
 def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark, processor) -> list[dict]:
     """The deviation (see the module docstring): the fictitious people's facts in task formats, training wording."""
     v = c.vanilla
-    if not v.task_variants:
+    if not v.get("task_variants", 0):
         return []
     if c.data.source != "synthetic":
         raise ValueError("vanilla.task_variants > 0 needs the synthetic benchmark (its question templates)")
@@ -512,9 +521,21 @@ def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark, processor) -> l
 
 
 def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
-    """Train (or reuse) one stage; returns its checkpoint directory."""
+    """Train (or reuse) one stage; returns its checkpoint directory.
+
+    With `model.checkpoint` set (a real model, e.g. the 7B configs) the base stage *is* that checkpoint and
+    only the vanilla stage trains. `<stage>.lora_rank` > 0 trains a LoRA on `<stage>.lora_pattern` (default:
+    every LM linear, MLLMU-Bench's recipe) and merges it into the saved weights; `<stage>.epochs` sets the
+    step count from the data size when `<stage>.steps` is absent.
+    """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "base" and c.model.get("checkpoint"):
+        base = Path(c.model.checkpoint)
+        if not (base / "config.json").is_file():
+            raise FileNotFoundError(f"model.checkpoint {base} has no config.json")
+        log(f"base: the pretrained checkpoint {base}")
+        return base
     out = stage_dir(c, stage)
     if (out / "config.json").exists() and not force:
         log(f"{stage}: reusing {out}")
@@ -539,35 +560,67 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
         proc_dir = base_dir
     processor = load_processor(proc_dir)
     sc = getattr(c, stage)
+    max_length = sc.max_length
 
     t0 = time.perf_counter()
     if stage == "base":
-        sources = [(tokenize(processor, base_examples(c, root, sc, processor), sc.max_length), 1.0)]
+        sources = [(tokenize(processor, base_examples(c, root, sc, processor), max_length), 1.0)]
     else:
         bench = mllmu.load_benchmark(root, c.data.forget_ratio)
         ft_examples = [qa_example(processor, r) for r in bench.full_train] + \
             vanilla_task_examples(c, root, bench, processor)
-        ft = tokenize(processor, ft_examples, sc.max_length)
+        ft = tokenize(processor, ft_examples, max_length)
         sources = [(ft, 1.0)]
-        replay_examples = base_examples(c, root, c.base, processor)
-        if replay_examples and sc.base_replay > 0:
-            replay = tokenize(processor, replay_examples, sc.max_length)
+        replay = sc.get("base_replay", 0.0)
+        replay_examples = base_examples(c, root, c.base, processor) if replay > 0 else []
+        if replay_examples:
+            replay_data = tokenize(processor, replay_examples, max_length)
             # weight so that a `base_replay` share of the steps draw from the base data
-            sources.append((replay, sc.base_replay / (1 - sc.base_replay) * len(ft) / len(replay)))
-    schedule = BatchSchedule(sources, sc.batch_size, sc.steps, c.seed, length_buckets=sc.length_buckets)
+            sources.append((replay_data, replay / (1 - replay) * len(ft) / len(replay_data)))
+    steps = stage_steps(sc, sum(len(d) for d, _ in sources))
+    schedule = BatchSchedule(sources, sc.batch_size, steps, c.seed, length_buckets=sc.get("length_buckets", 1))
     log(f"{stage}: {' + '.join(str(len(d)) for d, _ in sources)} rows tokenized in {time.perf_counter() - t0:.1f} s; "
         f"batch shapes {schedule.shapes}, {schedule.padding_fraction():.0%} padding")
+    defaults = tr.TrainConfig(total_steps=steps)
+    save_every = sc.get("save_every", 0)
     train_cfg = tr.TrainConfig(
-        total_steps=sc.steps, learning_rate=sc.learning_rate, warmup_steps=sc.warmup_steps, schedule=sc.schedule,
-        end_lr_factor=sc.end_lr_factor, weight_decay=sc.weight_decay, seed=c.seed, log_every=max(sc.steps // 40, 1),
+        total_steps=steps, learning_rate=sc.learning_rate, seed=c.seed, log_every=max(steps // 40, 1),
+        **{name: sc.get(name, getattr(defaults, name))
+           for name in ("warmup_steps", "schedule", "end_lr_factor", "weight_decay")},
         lr_multipliers=tuple((str(pattern), float(f)) for pattern, f in sc.get("lr_multipliers", ())),
+        # periodic orbax saves make a long (7B) run resumable: rerunning the command continues it
+        checkpoint_dir=str(out.with_name(out.name + ".ckpt")) if save_every else None, save_every=save_every,
         description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
     )
-    trainable, frozen = tr.partition(params, ".*")
-    result = tr.train(lm_loss_fn(model, sc.loss), trainable, frozen, schedule, train_cfg, sharding=sharding)
-    params = tr.merge(result.trainable, frozen)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the logs sit beside the model
+    rank = sc.get("lora_rank", 0)
+    if rank:
+        lora = lora_lib.init(params, rank, float(sc.get("lora_alpha", rank)), jax.random.PRNGKey(c.seed),
+                             pattern=sc.get("lora_pattern", lora_lib.LM_LINEARS))
+        trainable, scales = lora_lib.split_trainable(lora)
+        frozen = {"params": params, "lora_scales": scales}
+    else:
+        trainable, frozen = tr.partition(params, ".*")
+    loss = lm_loss_fn(model, sc.get("loss", "token"), lora=bool(rank))
+    result = tr.train(loss, trainable, frozen, schedule, train_cfg, sharding=sharding)
+    if rank:
+        params = lora_lib.merge(params, tr.merge(result.trainable, frozen["lora_scales"]))
+    else:
+        params = tr.merge(result.trainable, frozen)
     save_pretrained(params, config, out, copy_files_from=tok_dir)
-    meta = {"stage": stage, "seconds": result.seconds, "final_loss": result.history[-1]["loss"], "key": stage_key(c, stage)}
+    meta = {"stage": stage, "seconds": result.seconds, "final_loss": result.history[-1]["loss"], "key": stage_key(c, stage),
+            "steps": steps, "lora_rank": rank}
     (out.with_name(out.name + ".json")).write_text(json.dumps(meta, indent=2))
-    log(f"{stage}: trained {sc.steps} steps in {result.seconds:.0f} s (final loss {meta['final_loss']:.3f}) -> {out}")
+    what = f"a rank-{rank} LoRA (merged)" if rank else "every parameter"
+    log(f"{stage}: trained {what} for {steps} steps in {result.seconds:.0f} s (final loss {meta['final_loss']:.3f}) "
+        f"-> {out}")
     return out
+
+
+def stage_steps(sc, rows: int) -> int:
+    """`sc.steps`, or `sc.epochs` passes over `rows` training rows at `sc.batch_size` (MLLMU-Bench counts epochs)."""
+    if sc.get("steps"):
+        return int(sc.steps)
+    if sc.get("epochs"):
+        return max(1, -(-int(sc.epochs * rows) // sc.batch_size))
+    raise ValueError("a training stage needs `steps` or `epochs`")
