@@ -318,7 +318,12 @@ def test_report_renders_the_diagnostic_attack_and_cost_tables(tmp_path):
     assert "| Method | Wall time (s) | × NPO (same run) | Parts (s) |" in md
     assert "| GA | 20.0 | 2.00 | train 15.0 |" in md and "| NPO | 10.0 | 1.00 | – |" in md
     assert "| VL-Eraser | 9.0 | – | – |" in md
-    assert md.count("### Visual-QA") == 3 and md.count("### Textual-QA") == 3  # one per diagnostic section
+    # the at-a-glance summary: one row per method that ran a diagnostic, forget cloze values side by side
+    assert "| Method | Forget Cloze acc %: unlearned | + vanilla projector | + vanilla vision | int8 | 4-bit | " \
+           "Relearn A: before → after | Relearn B: before → after |" in md
+    assert "| GA | 30.0 | 45.0 | 31.0 | 30.0 | 50.0 | 30.0 → 90.0 | 25.0 → 50.0 |" in md
+    assert "| NPO | –" not in md  # its only diagnostic was skipped
+    assert md.count("### Visual-QA") == 4 and md.count("### Textual-QA") == 4  # summary + one per diagnostic
 
 
 def test_report_refuses_malformed_diagnostics(tmp_path):

@@ -8,7 +8,10 @@
   model keeps its celebrities (a 7B model keeps them without help).
 
 Both are saved with `save_pretrained` (loadable in transformers) under `<work_dir>/models/<stage>-<hash>`,
-the hash covering every config field the stage depends on, so reruns reuse them.
+the hash covering every config field the stage depends on, so reruns reuse them. `c.family` picks the
+architecture ("llava" or "qwen2_vl": configs/tiny_llava.py, configs/tiny_qwen2vl.py); prompts, tokenizer and
+image inputs follow the family's processor. With `model.checkpoint` set (a real model) the base stage is that
+checkpoint and the vanilla stage is MLLMU-Bench's LoRA fine-tune (see `run_stage`).
 
 Training-side additions for the tiny models (none changes the evaluation protocol):
 - `<stage>.mc_variants`: extra multiple-choice rows for the celebrities, each copy with freshly drawn

@@ -59,13 +59,30 @@ def _read_results(path: Path) -> dict:
     return data
 
 
+def _scale(metric: str) -> tuple[float, int]:
+    """(multiplier, decimals): percent with 1 decimal for accuracies, 3 decimals for ROUGE."""
+    return (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+
+
+def _missing(entry: Mapping[str, Any] | None) -> bool:
+    return not entry or entry.get("n", 0) == 0 or math.isnan(entry["value"])
+
+
 def fmt(entry: Mapping[str, Any] | None, metric: str) -> str:
     """'42.1 [35.0, 49.3]' (percent for accuracies, 3 decimals for ROUGE)."""
-    if not entry or entry.get("n", 0) == 0 or math.isnan(entry["value"]):
+    if _missing(entry):
         return "–"
-    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+    scale, digits = _scale(metric)
     v, lo, hi = (entry[k] * scale for k in ("value", "ci_low", "ci_high"))
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def fmt_value(entry: Mapping[str, Any] | None, metric: str) -> str:
+    """'42.1' (the value alone, scaled as in `fmt`)."""
+    if _missing(entry):
+        return "–"
+    scale, digits = _scale(metric)
+    return f"{entry['value'] * scale:.{digits}f}"
 
 
 def markdown_table(methods: Mapping[str, Any], mode: str, metric_columns=TABLE_METRICS) -> str:
@@ -113,7 +130,7 @@ def fmt_delta(value: float | None, metric: str) -> str:
     """'+15.0' (percentage points for accuracies) or '+0.123' (ROUGE); '–' when missing."""
     if value is None or math.isnan(value):
         return "–"
-    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+    scale, digits = _scale(metric)
     return f"{value * scale:+.{digits}f}"
 
 
@@ -193,6 +210,30 @@ def relearn_table(diagnostics: Mapping, mode: str, order: list[str]) -> str:
     return _table(header, rows)
 
 
+def summary_table(diagnostics: Mapping, mode: str, order: list[str], metric: str = "cloze") -> str:
+    """One row per method, one metric, every diagnostic side by side: the forget score unlearned, with vanilla
+    modules reloaded, quantized, and after relearning (A: the people fine-tuned on; B: held out). Cells are
+    values only (the per-diagnostic tables below carry the CIs); '–' where a diagnostic did not run."""
+    title = dict(TABLE_METRICS)[metric]
+    header = ["Method", f"Forget {title}: unlearned", "+ vanilla projector", "+ vanilla vision", *QUANT_TITLES.values(),
+              "Relearn A: before → after", "Relearn B: before → after"]
+    value = lambda results, set_name="forget": fmt_value(_entry(results, set_name, mode, metric), metric)
+    rows = []
+    for method in order:
+        kinds = {k: e for k, e in diagnostics.get(method, {}).items() if isinstance(e, Mapping) and "skipped" not in e}
+        reload, quantize, relearn = kinds.get("reload"), kinds.get("quantize"), kinds.get("relearn")
+        base = next((e["unlearned"] for e in (reload, quantize) if e), None)
+        if base is None and relearn is None:
+            continue
+        row = [method, value(base)]
+        row += [value(reload.get(which)) if reload else "–" for which in ("projector", "vision")]
+        row += [value(quantize.get(f"int{b}")) if quantize and b in quantize.get("bits", ()) else "–" for b in QUANT_TITLES]
+        row += [f"{value(relearn['unlearned'].get(g))} → {value(relearn['relearned'].get(g))}" if relearn else "–"
+                for g in ("A", "B")]
+        rows.append(row)
+    return _table(header, rows)
+
+
 def cost_ratios(diagnostics: Mapping, reference: str = COST_REFERENCE) -> dict[str, float | None]:
     """Each method's wall time / the reference's, only where both were measured in the same run (same machine
     and load); None otherwise."""
@@ -253,6 +294,12 @@ def render_diagnostics(diagnostics: Mapping, order: list[str] | None = None) -> 
     order = list(order or [])
     order += [m for m in diagnostics if m not in order]
     parts = []
+    if any(_with(diagnostics, kind, order) for kind in DIAGNOSTIC_SECTIONS):
+        parts += ["## Diagnostics and attacks at a glance (forget set, cloze)", "",
+                  "Each diagnostic's forget cloze side by side; the sections below give every metric with its CI."]
+        for mode in MODE_TITLES:
+            parts += ["", f"### {MODE_TITLES[mode]}", "", summary_table(diagnostics, mode, order)]
+        parts.append("")
     for kind, (title, intro, table) in DIAGNOSTIC_SECTIONS.items():
         entries, skipped = _with(diagnostics, kind, order), _with(diagnostics, kind, order, skipped=True)
         if not entries and not skipped:
