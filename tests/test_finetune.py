@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -210,14 +211,33 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
     import json
 
     _, base_dir, _, _ = trained
-    c = load_config(CONFIG.with_name("llava_1_5_7b.py"), [
-        f"model.checkpoint={base_dir}", f"data.root={ft.data_root(trained[0])}", f"work_dir={tmp_path}",
-        "model.dtype=float32", "model.attention=xla", "vanilla.epochs=0.03", "vanilla.save_every=2"])
+    overrides = [f"model.checkpoint={base_dir}", f"data.root={ft.data_root(trained[0])}", f"work_dir={tmp_path}",
+                 "model.dtype=float32", "model.attention=xla", "vanilla.epochs=0.03"]
+    c = load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.save_every=2"])
+    assert c.model.remat == "full" and ft.model_runtime(c)["remat"] == "full"  # the loaded model remats
     out = ft.run_stage(c, "vanilla", log=lambda *_: None)
     meta = json.loads(out.with_name(out.name + ".json").read_text())
-    assert meta["lora_rank"] == 16 and meta["steps"] >= 2
-    assert (out.with_name(out.name + ".ckpt")).is_dir()  # periodic orbax saves for resuming
+    assert meta["lora_rank"] == 16 and meta["steps"] >= 2 and meta["resumed_from"] is None
     assert load_processor(out).family == "llava"
+    # the periodic saves served the run and are gone once the model is exported, so a forced rerun trains
+    # again from step 0 (it does not "resume" a finished run) and, seeded, ends with the same weights
+    assert not out.with_name(out.name + ".ckpt").exists()
+    from vleraser_jax.hf import load_pretrained
+
+    _, first, _ = load_pretrained(out)
+    assert ft.run_stage(c, "vanilla", force=True, log=lambda *_: None) == out
+    again = json.loads(out.with_name(out.name + ".json").read_text())
+    assert again["resumed_from"] is None and again["final_loss"] == meta["final_loss"]
+    _, second, _ = load_pretrained(out)
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # save_every only changes how the run executes: same stage key, so a restarted run finds its checkpoints
+    other = load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.save_every=7"])
+    assert ft.stage_key(other, "vanilla") == ft.stage_key(c, "vanilla")
+    assert ft.stage_key(load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.epochs=0.04"]),
+                        "vanilla") != ft.stage_key(c, "vanilla")
+    with pytest.raises(ValueError, match="model.checkpoint must be set"):
+        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py")), "vanilla", log=lambda *_: None)
 
 
 # ------------------------------------------------------------------ tiny_qwen2vl: the same stages on Qwen2-VL
@@ -244,7 +264,8 @@ def test_qwen2vl_stages_export_models_transformers_runs_identically(qwen_trained
     from vleraser_jax.hf import load_pretrained
 
     c, base_dir, vanilla_dir = qwen_trained
-    assert ft.stage_key(c, "base") != ft.stage_key(toy_config(Path(c.work_dir)), "base")  # family is in the key
+    llava_family = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={c.work_dir}", "family=llava"])
+    assert ft.stage_key(c, "base") != ft.stage_key(llava_family, "base")  # the family alone changes the key
     for path in (base_dir, vanilla_dir):
         processor = load_processor(path)
         assert processor.family == "qwen2_vl"
@@ -284,3 +305,17 @@ def test_qwen2vl_tokenized_images_rebuild_the_processor_batch(qwen_trained):
     n = ref["input_ids"].shape[1]
     np.testing.assert_array_equal(data.input_ids[pick, :n], ref["input_ids"])
     assert (data.input_ids[pick, n:] == processor.pad_token_id).all()
+
+    # images that keep different resolutions (Qwen2-VL's dynamic resolution) are stored apart, not refused
+    def encoded(width, height):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    mixed = [{**examples[0], "image": encoded(16, 16)}, {**examples[1], "image": encoded(8, 16)}]
+    data = ft.tokenize(processor, mixed, 128)
+    assert isinstance(data.pixels, list) and [p.shape[0] for p in data.pixels] == [16, 8]
+    ref = processor.collate_for_training([{**ex, "image": decoded(ex["image"])} for ex in mixed], max_length=128)
+    got = data.image_inputs(np.array([0, 1]))
+    np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
+    np.testing.assert_array_equal(got["pixel_values"], ref["pixel_values"])

@@ -62,6 +62,8 @@ STAGES = ("base", "vanilla")
 CODE_VERSION = 2  # bump when training code changes what a cached model would contain
 # data fields that only choose what is evaluated, not what a stage trains on
 _EVAL_ONLY_DATA_FIELDS = ("forget_ratio",)
+# stage fields that change how a run executes, not the weights it ends with (a resumed run may change them)
+_EXECUTION_ONLY_STAGE_FIELDS = ("save_every",)
 
 
 # ------------------------------------------------------------------ config -> paths, model
@@ -80,12 +82,13 @@ def stage_key(c, stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
-    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model),
-             "base": _plain(c.get("base") or {})}
+    sections = {name: {k: v for k, v in _plain(c.get(name) or {}).items() if k not in _EXECUTION_ONLY_STAGE_FIELDS}
+                for name in STAGES}
+    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": sections["base"]}
     if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
         parts["family"] = c.family
     if stage == "vanilla":
-        parts["vanilla"] = _plain(c.vanilla)
+        parts["vanilla"] = sections["vanilla"]
     return _hash(parts)
 
 
@@ -265,7 +268,9 @@ class Tokenized:
     labels: np.ndarray  # [N, L]
     attention_mask: np.ndarray
     image_index: np.ndarray  # [N] row of `pixels`, -1 for text-only
-    pixels: np.ndarray | None  # one entry per image: LLaVA [M, C, H, W]; Qwen2-VL [M, patches, C·t·p·p]
+    # one entry per image: LLaVA [M, C, H, W]; Qwen2-VL [M, patches, C·t·p·p], or a list of [patches_i, C·t·p·p]
+    # when images keep different resolutions (each distinct batch total then compiles once)
+    pixels: np.ndarray | list[np.ndarray] | None
     grids: np.ndarray | None = None  # Qwen2-VL's image_grid_thw per image [M, 3]; None for LLaVA
 
     def __len__(self) -> int:
@@ -276,8 +281,9 @@ class Tokenized:
         images = self.image_index[rows]
         if self.grids is None:
             return {"pixel_values": self.pixels[images]}
-        return {"pixel_values": self.pixels[images].reshape(-1, self.pixels.shape[-1]),
-                "image_grid_thw": self.grids[images]}
+        patches = np.concatenate([self.pixels[i] for i in images]) if isinstance(self.pixels, list) else \
+            self.pixels[images].reshape(-1, self.pixels.shape[-1])
+        return {"pixel_values": patches, "image_grid_thw": self.grids[images]}
 
 
 def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 256) -> Tokenized:
@@ -317,12 +323,12 @@ def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 
             k += 1
     if not images:
         return Tokenized(ids, labels, masks, image_index, None)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"tokenize: images preprocess to different shapes {sorted(shapes)}; training batches "
-                         "stack them, so every image must give the same number of patches (resize them alike)")
-    return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32),
-                     None if grids[0] is None else np.stack(grids).astype(np.int32))
+    if grids[0] is None:  # LLaVA: every image is processed to the same crop
+        return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32))
+    grid_array = np.stack(grids).astype(np.int32)
+    if len({im.shape for im in images}) == 1:
+        return Tokenized(ids, labels, masks, image_index, np.stack(images).astype(np.float32), grid_array)
+    return Tokenized(ids, labels, masks, image_index, [im.astype(np.float32) for im in images], grid_array)
 
 
 def split_images(batch: dict) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -523,6 +529,11 @@ def vanilla_task_examples(c, root: Path, bench: mllmu.Benchmark, processor) -> l
                                    "fictitious")
 
 
+def model_runtime(c) -> dict:
+    """How a loaded checkpoint runs (compute dtype, attention backend, remat policy), from `c.model`."""
+    return {"dtype": c.model.dtype, "attention_impl": c.model.attention, "remat": c.model.get("remat")}
+
+
 def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     """Train (or reuse) one stage; returns its checkpoint directory.
 
@@ -533,6 +544,9 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if c.data.source != "synthetic" and not c.model.get("checkpoint"):
+        raise ValueError(f"model.checkpoint must be set (a local Hugging Face model directory) to train on "
+                         f"data.source={c.data.source!r}; only the synthetic benchmark trains a base model from scratch")
     if stage == "base" and c.model.get("checkpoint"):
         base = Path(c.model.checkpoint)
         if not (base / "config.json").is_file():
@@ -556,10 +570,9 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     else:
         base_dir = run_stage(c, "base", log=log)
         if sharding is not None:  # each process reads only its shards of the base model
-            model, params, config = parallel.load_pretrained_sharded(base_dir, sharding, dtype=c.model.dtype,
-                                                                     attention_impl=c.model.attention)
+            model, params, config = parallel.load_pretrained_sharded(base_dir, sharding, **model_runtime(c))
         else:
-            model, params, config = load_pretrained(base_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+            model, params, config = load_pretrained(base_dir, **model_runtime(c))
         proc_dir = base_dir
     processor = load_processor(proc_dir)
     sc = getattr(c, stage)
@@ -586,13 +599,16 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
         f"batch shapes {schedule.shapes}, {schedule.padding_fraction():.0%} padding")
     defaults = tr.TrainConfig(total_steps=steps)
     save_every = sc.get("save_every", 0)
+    checkpoints = out.with_name(out.name + ".ckpt")
+    if force and checkpoints.exists():  # retrain from scratch, not from the last run's saved steps
+        shutil.rmtree(checkpoints)
     train_cfg = tr.TrainConfig(
         total_steps=steps, learning_rate=sc.learning_rate, seed=c.seed, log_every=max(steps // 40, 1),
         **{name: sc.get(name, getattr(defaults, name))
            for name in ("warmup_steps", "schedule", "end_lr_factor", "weight_decay")},
         lr_multipliers=tuple((str(pattern), float(f)) for pattern, f in sc.get("lr_multipliers", ())),
         # periodic orbax saves make a long (7B) run resumable: rerunning the command continues it
-        checkpoint_dir=str(out.with_name(out.name + ".ckpt")) if save_every else None, save_every=save_every,
+        checkpoint_dir=str(checkpoints) if save_every else None, save_every=save_every,
         description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
     )
     out.parent.mkdir(parents=True, exist_ok=True)  # the logs sit beside the model
@@ -611,12 +627,17 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     else:
         params = tr.merge(result.trainable, frozen)
     save_pretrained(params, config, out, copy_files_from=tok_dir)
-    meta = {"stage": stage, "seconds": result.seconds, "final_loss": result.history[-1]["loss"], "key": stage_key(c, stage),
-            "steps": steps, "lora_rank": rank}
+    # the exported model is the result now; a finished run's optimizer checkpoints would only be restored
+    # (with zero steps left) by a forced rerun
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    final_loss = result.history[-1]["loss"] if result.history else None  # None: every step came from a checkpoint
+    meta = {"stage": stage, "seconds": result.seconds, "final_loss": final_loss, "key": stage_key(c, stage),
+            "steps": steps, "lora_rank": rank, "resumed_from": result.resumed_from}
     (out.with_name(out.name + ".json")).write_text(json.dumps(meta, indent=2))
     what = f"a rank-{rank} LoRA (merged)" if rank else "every parameter"
-    log(f"{stage}: trained {what} for {steps} steps in {result.seconds:.0f} s (final loss {meta['final_loss']:.3f}) "
-        f"-> {out}")
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+    loss = f"final loss {final_loss:.3f}" if final_loss is not None else "no step left to run"
+    log(f"{stage}: trained {what} for {steps} steps in {result.seconds:.0f} s ({loss}{resumed}) -> {out}")
     return out
 
 

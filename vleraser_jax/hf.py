@@ -552,13 +552,15 @@ def load_config(path, **runtime):
     return arch, config
 
 
-def open_checkpoint(path, dtype: str | None = None, attention_impl: str | None = None):
+def open_checkpoint(path, dtype: str | None = None, attention_impl: str | None = None, remat: str | None = None):
     """Every loader's first steps: a checkpoint directory -> (directory, architecture, config, model,
-    expected parameter shapes), with the config's faults raised as `ConfigError` naming the file."""
+    expected parameter shapes), with the config's faults raised as `ConfigError` naming the file.
+    dtype / attention_impl / remat: runtime settings of the built model (None: the config's defaults)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
-    runtime = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v is not None}
+    runtime = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl), ("remat", remat))
+               if v is not None}
     arch, config = load_config(directory, **runtime)
     model = arch.model_cls(config)
     try:
@@ -570,14 +572,15 @@ def open_checkpoint(path, dtype: str | None = None, attention_impl: str | None =
     return directory, arch, config, model, expected
 
 
-def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, attention_impl: str | None = None):
+def load_pretrained(path, dtype: str | None = None, param_dtype=jnp.float32, attention_impl: str | None = None,
+                    remat: str | None = None):
     """Load a local Hugging Face checkpoint directory -> (model, params, config).
 
     dtype: compute dtype name ("float32", "bfloat16"); parameters are stored as `param_dtype` (f32 master
     weights by default). Every tensor is checked against the model's expected shapes; missing, unexpected
     or mis-shaped tensors raise `CheckpointError` naming the tensor and file.
     """
-    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl)
+    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl, remat)
     flat: dict[str, np.ndarray] = {}
     unexpected: list[str] = []
     for file in weight_files(directory):

@@ -401,7 +401,7 @@ def sharder_for(c) -> "Sharder | None":
 
 
 def load_pretrained_sharded(path, sharder: Sharder, dtype: str | None = None, param_dtype=jnp.float32,
-                            attention_impl: str | None = None, stats: dict | None = None):
+                            attention_impl: str | None = None, stats: dict | None = None, remat: str | None = None):
     """`hf.load_pretrained`, but every tensor is read straight into its shards: each process reads, with
     `safe_open(...).get_slice`, only the regions its own devices hold (`jax.make_array_from_callback`), so a
     7B checkpoint never materialises on one host or device.
@@ -415,7 +415,7 @@ def load_pretrained_sharded(path, sharder: Sharder, dtype: str | None = None, pa
 
     from .hf import CheckpointError, open_checkpoint, read_safetensors_header, weight_files
 
-    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl)
+    directory, arch, config, model, expected = open_checkpoint(path, dtype, attention_impl, remat)
     located: dict[str, tuple[Path, str, Any]] = {}
     unexpected = []
     for file in weight_files(directory):

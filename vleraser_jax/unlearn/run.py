@@ -285,13 +285,14 @@ def eval_config(c):
 
 def load_vanilla(c, vanilla_dir):
     """The vanilla model for the config: read shard by shard onto the config's mesh when it has one."""
+    from ..finetune import model_runtime
     from ..hf import load_pretrained
     from ..parallel import load_pretrained_sharded
 
     sharding = sharder_for(c)
     if sharding is not None:
-        return load_pretrained_sharded(vanilla_dir, sharding, dtype=c.model.dtype, attention_impl=c.model.attention)
-    return load_pretrained(vanilla_dir, dtype=c.model.dtype, attention_impl=c.model.attention)
+        return load_pretrained_sharded(vanilla_dir, sharding, **model_runtime(c))
+    return load_pretrained(vanilla_dir, **model_runtime(c))
 
 
 def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None, log=print) -> Path:
