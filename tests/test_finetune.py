@@ -236,8 +236,10 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
     assert ft.stage_key(other, "vanilla") == ft.stage_key(c, "vanilla")
     assert ft.stage_key(load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.epochs=0.04"]),
                         "vanilla") != ft.stage_key(c, "vanilla")
+    with pytest.raises(ValueError, match="data.root must be set"):
+        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), [f"work_dir={tmp_path}"]), "vanilla")
     with pytest.raises(ValueError, match="model.checkpoint must be set"):
-        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py")), "vanilla", log=lambda *_: None)
+        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), overrides[1:3]), "vanilla", log=lambda *_: None)
 
 
 # ------------------------------------------------------------------ tiny_qwen2vl: the same stages on Qwen2-VL

@@ -103,6 +103,8 @@ def data_root(c) -> Path:
     """The benchmark root: `data.root`, or a synthetic one keyed by its generator parameters."""
     if c.data.root:
         return Path(c.data.root)
+    if c.data.source != "synthetic":
+        raise ValueError(f"data.root must be set (a local MLLMU-Bench copy) for data.source={c.data.source!r}")
     key = _hash({**_synthetic_params(c), "version": synthetic.GENERATOR_VERSION, "vocab_size": c.data.vocab_size})
     return Path(c.work_dir) / f"synthetic-{c.seed}-{key[:8]}"
 
@@ -544,9 +546,6 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if c.data.source != "synthetic" and not c.model.get("checkpoint"):
-        raise ValueError(f"model.checkpoint must be set (a local Hugging Face model directory) to train on "
-                         f"data.source={c.data.source!r}; only the synthetic benchmark trains a base model from scratch")
     if stage == "base" and c.model.get("checkpoint"):
         base = Path(c.model.checkpoint)
         if not (base / "config.json").is_file():
@@ -558,6 +557,9 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
         log(f"{stage}: reusing {out}")
         return out
     root, tok_dir = prepare_data(c, log)
+    if c.data.source != "synthetic" and not c.model.get("checkpoint"):
+        raise ValueError(f"model.checkpoint must be set (a local Hugging Face model directory) to train on "
+                         f"data.source={c.data.source!r}; only the synthetic benchmark trains a base model from scratch")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
