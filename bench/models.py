@@ -2,7 +2,7 @@
 and the inputs (batch, LoRA init, vacuum projectors) both sides start from.
 
 Weights are identical by construction: a random transformers `LlavaForConditionalGeneration` is saved with
-`save_pretrained` and loaded into JAX with `vleraser_jax.hf.load_pretrained` (as tests/conftest.py does).
+`save_pretrained` and loaded into JAX with `vleraser_jax.checkpoints.load_pretrained` (as tests/conftest.py does).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
 def bench_size(size: models.Size, steps: int, warmup: int, gen_reps: int, ckpt: str, log) -> dict:
     import jax
 
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
 
     from . import jax_steps
     from . import torch_reference as ref
@@ -227,7 +227,7 @@ def memory_child(framework: str, size: models.Size, ckpt: str) -> dict:
     if framework == "jax":
         import jax
 
-        from vleraser_jax.hf import load_pretrained
+        from vleraser_jax.checkpoints import load_pretrained
 
         from . import jax_steps
 

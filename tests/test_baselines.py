@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.unlearn import baselines as bl
 from vleraser_jax.unlearn import lora as lora_lib
 from vleraser_jax.unlearn import trainer as tr

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import jax_steps, models  # noqa: E402
 from bench import torch_reference as ref  # noqa: E402
-from vleraser_jax.hf import load_pretrained  # noqa: E402
+from vleraser_jax.checkpoints import load_pretrained  # noqa: E402
 
 STEPS = 2  # the second step also checks the moments and NPO's a-gradient (b = 0 at step 0)
 

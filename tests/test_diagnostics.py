@@ -234,7 +234,7 @@ def test_restrict_forget_keeps_only_the_chosen_people(bench):
 
 @pytest.fixture(scope="module")
 def tiny(full_checkpoint):
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
     from vleraser_jax.processing import load_processor
 
     model, params, _ = load_pretrained(full_checkpoint)

@@ -15,7 +15,7 @@ from vleraser_jax.eval import evaluate as ev
 from vleraser_jax.eval.protocol import Prompter
 from vleraser_jax.eval.report import load_results, render_markdown, write_report
 from vleraser_jax.generate import generate
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.processing import load_processor
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import llava_inputs
 
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def test_a_mesh_section_trains_the_same_model(trained, tmp_path):
     import ml_collections
 
     from vleraser_jax import parallel
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
 
     c0, base_dir, _, _ = trained
     c = toy_config(tmp_path / "work")
@@ -176,7 +176,7 @@ def test_vanilla_lora_from_a_checkpoint_changes_only_lm_linears_by_low_rank(trai
 
     from flax import traverse_util
 
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
     from vleraser_jax.unlearn import lora as lora_lib
 
     _, base_dir, _, _ = trained
@@ -222,7 +222,7 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
     # the periodic saves served the run and are gone once the model is exported, so a forced rerun trains
     # again from step 0 (it does not "resume" a finished run) and, seeded, ends with the same weights
     assert not out.with_name(out.name + ".ckpt").exists()
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
 
     _, first, _ = load_pretrained(out)
     assert ft.run_stage(c, "vanilla", force=True, log=lambda *_: None) == out
@@ -263,7 +263,7 @@ def test_qwen2vl_stages_export_models_transformers_runs_identically(qwen_trained
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
 
     c, base_dir, vanilla_dir = qwen_trained
     llava_family = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={c.work_dir}", "family=llava"])

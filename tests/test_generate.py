@@ -9,7 +9,7 @@ import torch
 from conftest import llava_inputs, positions_like_ours, torch_generate_new_tokens, trim_at_eos
 
 from vleraser_jax.generate import _generate, generate
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 from transformers import LlavaForConditionalGeneration as TorchLlava
 
-from vleraser_jax.hf import INDEX_NAME, LLAVA_TABLE, CheckpointError, load_pretrained, save_pretrained
+from vleraser_jax.checkpoints import INDEX_NAME, LLAVA_TABLE, CheckpointError, load_pretrained, save_pretrained
 from vleraser_jax.models.configs import ConfigError
 
 # llava-1.5-7b-hf's on-disk names, written from canonical ones.

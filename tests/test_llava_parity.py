@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import llava_inputs, make_torch_llava, positions_like_ours, tiny_llava_hf_config
 
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.models.llava import LlavaForConditionalGeneration
 
 CONFIGS = {

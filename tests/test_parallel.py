@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from vleraser_jax import parallel as par
-from vleraser_jax.hf import expected_shapes
+from vleraser_jax.checkpoints import expected_shapes
 from vleraser_jax.models.configs import (CLIPVisionConfig, LlavaConfig, Qwen2VLConfig, Qwen2VLVisionConfig,
                                          TextConfig)
 from vleraser_jax.models.llava import LlavaForConditionalGeneration
@@ -163,7 +163,7 @@ def quick_compiles():
 
 
 def test_remat_keeps_parameters_and_gradients(quick_compiles):
-    from vleraser_jax.hf import init_params
+    from vleraser_jax.checkpoints import init_params
     from vleraser_jax.unlearn.trainer import causal_lm_loss
 
     base = LlavaForConditionalGeneration(tiny_llava(layers=1))
@@ -299,7 +299,7 @@ def test_arrays_are_really_sharded(eight_devices, mesh):
 def test_init_under_jit_and_hf_shards_read_straight_into_devices(eight_devices, mesh):
     load = eight_devices["load"][mesh]
     assert load["init_equal"], "init under jit with out_shardings gives other values than unsharded init"
-    assert load["llava_equal"] and load["qwen_equal"], "sharded load differs from hf.load_pretrained"
+    assert load["llava_equal"] and load["qwen_equal"], "sharded load differs from checkpoints.load_pretrained"
     # every read is exactly one device's shard of its tensor (never the whole of a sharded tensor) ...
     assert load["reads_are_single_shards"]
     # ... each region is read once (devices holding the same replica share it): bytes read == bytes on disk
@@ -331,7 +331,7 @@ def _child(out_path: str) -> None:
     from flax import traverse_util
 
     from vleraser_jax.generate import generate
-    from vleraser_jax.hf import load_pretrained, save_pretrained
+    from vleraser_jax.checkpoints import load_pretrained, load_pretrained_sharded, save_pretrained
     from vleraser_jax.unlearn import baselines as bl
     from vleraser_jax.unlearn import lora as lora_lib
     from vleraser_jax.unlearn import trainer as tr
@@ -433,8 +433,8 @@ def _child(out_path: str) -> None:
                                         "logits": repr(logits.sharding.spec)}
 
         stats: dict = {}
-        _, sharded_lp, _ = par.load_pretrained_sharded(tmp / "llava", sh, stats=stats)
-        _, sharded_qp, _ = par.load_pretrained_sharded(tmp / "qwen", sh)
+        _, sharded_lp, _ = load_pretrained_sharded(tmp / "llava", sh, stats=stats)
+        _, sharded_qp, _ = load_pretrained_sharded(tmp / "qwen", sh)
         shapes = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(lp).items()}
         init = par.init_params(llava, jax.random.PRNGKey(0), sh)
         results["load"][mesh_spec] = {

@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import Qwen2VLForConditionalGeneration as TorchQwen2VL
 
 from vleraser_jax.generate import _generate, generate
-from vleraser_jax.hf import QWEN2VL_TABLE, CheckpointError, load_pretrained, save_pretrained
+from vleraser_jax.checkpoints import QWEN2VL_TABLE, CheckpointError, load_pretrained, save_pretrained
 from vleraser_jax.models.configs import ConfigError, Qwen2VLConfig
 from vleraser_jax.models.qwen2_vl import Qwen2VLForConditionalGeneration
 

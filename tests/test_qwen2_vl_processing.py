@@ -163,7 +163,7 @@ def test_processor_output_runs_the_flax_model_like_torch(ckpt, tmp_path):
     from qwen2_vl_helpers import make_torch_qwen2_vl, max_rel
     from transformers import Qwen2VLConfig
 
-    from vleraser_jax.hf import load_pretrained
+    from vleraser_jax.checkpoints import load_pretrained
 
     torch_model = make_torch_qwen2_vl(Qwen2VLConfig.from_pretrained(ckpt))
     torch_model.save_pretrained(tmp_path)

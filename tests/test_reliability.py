@@ -28,10 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import FAULTS, Killed, problem, train_config
 
-from vleraser_jax import cli, hf
+from vleraser_jax import cli, io
+from vleraser_jax.checkpoints import export as ckpt_export
+from vleraser_jax.checkpoints import safetensors_io
 from vleraser_jax.data.mllmu import BenchmarkFormatError
 from vleraser_jax.eval.report import ReportError, write_report
-from vleraser_jax.hf import CheckpointError, load_pretrained, save_pretrained
+from vleraser_jax.checkpoints import CheckpointError, load_pretrained, save_pretrained
 from vleraser_jax.models.configs import ConfigError
 from vleraser_jax.unlearn import trainer as tr
 from vleraser_jax.unlearn.run import load_artifacts, save_artifacts
@@ -184,7 +186,7 @@ def test_a_config_that_cannot_describe_a_model_is_a_config_error(source, tmp_pat
 def test_a_damaged_export_is_refused_by_its_checksums(export, tmp_path):
     path, _ = export
     header, payload = read_header(path / "model.safetensors")
-    assert hf.DIGEST_KEY in header["__metadata__"]
+    assert safetensors_io.DIGEST_KEY in header["__metadata__"]
     names = by_offset(header)
     victim = names[len(names) // 2]
     begin = header[victim]["data_offsets"][0]
@@ -220,11 +222,11 @@ def test_export_bytes_depend_only_on_the_parameters(source, export, tmp_path):
 def test_shard_names_may_not_leave_the_checkpoint_directory(source, tmp_path):
     _, params, config = source
     out = save_pretrained(params, config, tmp_path / "sharded", max_shard_size=20_000)
-    index = json.loads((out / hf.INDEX_NAME).read_text())
+    index = json.loads((out / safetensors_io.INDEX_NAME).read_text())
     first = next(iter(index["weight_map"]))
     shutil.copy(out / index["weight_map"][first], tmp_path / "outside.safetensors")
     index["weight_map"][first] = "../outside.safetensors"
-    (out / hf.INDEX_NAME).write_text(json.dumps(index))
+    (out / safetensors_io.INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"shard names must be plain file names .*\.\./outside\.safetensors"):
         load_pretrained(out)
 
@@ -389,14 +391,14 @@ def disk_full_on_call(n: int, write):
 def test_export_onto_a_full_disk_keeps_the_previous_export(source, tmp_path, monkeypatch, exchange):
     _, params, config = source
     if not exchange:
-        monkeypatch.setattr(hf, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
     out = save_pretrained(params, config, tmp_path / "out", max_shard_size=20_000)
     before = snapshot(out)
     changed = jax.tree_util.tree_map(lambda x: x * 2, params)
     save_pretrained(changed, config, tmp_path / "out", max_shard_size=20_000)  # a successful overwrite...
     assert snapshot(out) != before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # ...leaves nothing else
     before = snapshot(out)
-    monkeypatch.setattr(hf, "write_safetensors", disk_full_on_call(2, hf.write_safetensors))
+    monkeypatch.setattr(ckpt_export, "write_safetensors", disk_full_on_call(2, ckpt_export.write_safetensors))
     with pytest.raises(CheckpointError, match=r"export failed .*No space left on device.*previous one is unchanged"):
         save_pretrained(params, config, tmp_path / "out", max_shard_size=20_000)
     assert snapshot(out) == before

@@ -58,7 +58,7 @@ class _TouchOnUnpickle:
 
 
 def test_pickled_weights_next_to_safetensors_are_never_opened(full_checkpoint, tmp_path):
-    from vleraser_jax.hf import CheckpointError, load_pretrained
+    from vleraser_jax.checkpoints import CheckpointError, load_pretrained
 
     marker = tmp_path / "unpickled"
     both = shutil.copytree(full_checkpoint, tmp_path / "both")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import llava_inputs
 
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.unlearn import trainer as tr
 
 

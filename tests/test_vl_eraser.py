@@ -9,7 +9,7 @@ import pytest
 from conftest import llava_inputs
 from flax import traverse_util
 
-from vleraser_jax.hf import load_pretrained
+from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.models.layers import lora_delta, vacuum_project
 from vleraser_jax.unlearn import lora as lora_lib
 from vleraser_jax.unlearn import trainer as tr

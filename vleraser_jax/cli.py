@@ -32,7 +32,7 @@ def _count(params) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .hf import load_pretrained
+    from .checkpoints import load_pretrained
 
     model, params, config = load_pretrained(args.checkpoint)
     print(f"checkpoint   {args.checkpoint}")
@@ -50,7 +50,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .hf import load_pretrained, save_pretrained
+    from .checkpoints import load_pretrained, save_pretrained
 
     _, params, config = load_pretrained(args.checkpoint)
     out = save_pretrained(
@@ -71,7 +71,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .generate import generate_batch
-    from .hf import load_pretrained
+    from .checkpoints import load_pretrained
     from .processing import load_processor
 
     model, params, config = load_pretrained(args.checkpoint, dtype=args.dtype, attention_impl=args.attention)
@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
     from .data.mllmu import load_benchmark
     from .eval.evaluate import EvalConfig, evaluate
     from .eval.report import markdown_table, write_report
-    from .hf import load_pretrained
+    from .checkpoints import load_pretrained
     from .processing import load_processor
 
     cfg = EvalConfig(
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     initialize_distributed()  # multi-host launches (launch/*) only; before anything touches a device
     from .data.mllmu import BenchmarkFormatError
     from .eval.report import ReportError
-    from .hf import CheckpointError
+    from .checkpoints import CheckpointError
     from .models.configs import ConfigError
     from .unlearn.trainer import TrainingDiverged
 

@@ -52,7 +52,7 @@ from PIL import Image
 from . import parallel
 from .data import mllmu, synthetic
 from .eval.protocol import Prompter
-from .hf import architecture_for, init_params, load_pretrained, save_pretrained
+from .checkpoints import architecture_for, init_params, load_pretrained, load_pretrained_sharded, save_pretrained
 from .models.configs import CLIPVisionConfig, LlavaConfig, Qwen2VLConfig, Qwen2VLVisionConfig, TextConfig
 from .processing import image_inputs_of, load_processor
 from .unlearn import lora as lora_lib
@@ -572,7 +572,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     else:
         base_dir = run_stage(c, "base", log=log)
         if sharding is not None:  # each process reads only its shards of the base model
-            model, params, config = parallel.load_pretrained_sharded(base_dir, sharding, **model_runtime(c))
+            model, params, config = load_pretrained_sharded(base_dir, sharding, **model_runtime(c))
         else:
             model, params, config = load_pretrained(base_dir, **model_runtime(c))
         proc_dir = base_dir

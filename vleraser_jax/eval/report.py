@@ -402,7 +402,7 @@ def _publish(staged: Path, out: Path, names: list[str]) -> None:
     results.json goes last: it is the source every write rebuilds from, so even a crash between renames
     leaves a report that the next write makes whole again.
     """
-    from ..hf import fsync_path, fsync_tree
+    from ..io import fsync_path, fsync_tree
 
     fsync_tree(staged)
     for name in sorted(names, key=lambda n: n == "results.json"):
@@ -440,7 +440,7 @@ def write_diagnostics(out_dir, method: str, entries: Mapping[str, Any], meta: Ma
 def _rewrite(out_dir, method: str, results: Mapping[str, Any] | None, diagnostics: Mapping[str, Any] | None,
              meta: Mapping[str, Any] | None, extra_files: Mapping[str, bytes] | None) -> dict[str, Path]:
     """One write: the stored report with `method`'s results (None: kept) and diagnostics merged in, rendered."""
-    from ..hf import atomic_directory
+    from ..io import atomic_directory
 
     out = Path(out_dir)
     path = out / "results.json"

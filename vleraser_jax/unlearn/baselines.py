@@ -637,7 +637,7 @@ def unlearn_baseline(
     sharding: a `parallel.Sharder`: Fisher statistics and every training step run sharded over its mesh.
     """
     from ..finetune import BatchSchedule, qa_example, tokenize
-    from ..hf import save_pretrained
+    from ..checkpoints import save_pretrained
 
     t_start = time.perf_counter()
     title, cfg = baseline_config(name, settings)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import mllmu
-from ..hf import save_pretrained
+from ..checkpoints import save_pretrained
 from ..parallel import sharder_for
 from . import lora as lora_lib
 from . import trainer as tr
@@ -65,7 +65,8 @@ def save_artifacts(path: Path, lora, projectors, meta: dict) -> None:
     """
     import orbax.checkpoint as ocp
 
-    from ..hf import CheckpointError, atomic_directory
+    from ..checkpoints import CheckpointError
+    from ..io import atomic_directory
 
     path = Path(path).absolute()
     tree = {"lora": lora, "vacuum": projectors if projectors is not None else {}}
@@ -83,7 +84,7 @@ def load_artifacts(path: Path) -> tuple[dict, dict | None, dict]:
     """(lora, projectors or None, meta) as `save_artifacts` wrote them; CheckpointError names what is wrong."""
     import orbax.checkpoint as ocp
 
-    from ..hf import CheckpointError
+    from ..checkpoints import CheckpointError
 
     path = Path(path).absolute()
     for required in (path / "state", path / "meta.json"):
@@ -286,8 +287,8 @@ def eval_config(c):
 def load_vanilla(c, vanilla_dir):
     """The vanilla model for the config: read shard by shard onto the config's mesh when it has one."""
     from ..finetune import model_runtime
-    from ..hf import load_pretrained
-    from ..parallel import load_pretrained_sharded
+    from ..checkpoints import load_pretrained
+    from ..checkpoints import load_pretrained_sharded
 
     sharding = sharder_for(c)
     if sharding is not None:
