@@ -24,14 +24,14 @@ def train_config(steps: int = 1000) -> tr.TrainConfig:
 
 
 def vl_eraser(model, params, size: Size, lambda_: float = 0.5):
-    """(step, state, frozen, lora tree, projectors) exactly as `run.unlearn_vl_eraser` builds them."""
-    cfg = vle.VLEraserConfig(rank=size.rank, alpha=2.0 * size.rank, lambda_=lambda_, ce_mode="added")
+    """(step, state, frozen, lora tree, projectors) exactly as `vl_eraser.unlearn_vl_eraser` builds them."""
+    cfg = vle.VLEraserConfig(rank=size.rank, lora_alpha=2.0 * size.rank, lambda_=lambda_, ce_mode="added")
     projectors = jax.tree_util.tree_map(jnp.asarray, vle_projectors(size))
-    lora = lora_lib.init(params, cfg.rank, cfg.alpha, jax.random.PRNGKey(0), b_std=cfg.lora_b_std)
+    lora = lora_lib.init(params, cfg.rank, cfg.lora_alpha, jax.random.PRNGKey(0), b_std=cfg.lora_b_std)
     trainable, scales = lora_lib.split_trainable(lora)
-    frozen = {"params": params, "scales": scales, "vacuum": projectors}
+    frozen = {"params": params, "lora_scales": scales, "vacuum": projectors}
     tx = tr.make_optimizer(train_config())
-    step = tr.make_train_step(vle.stage1_loss_fn(model, cfg), tx)
+    step = tr.make_train_step(vle.distillation_loss_fn(model, cfg), tx)
     return step, tr.init_state(trainable, tx, 0), frozen, lora, projectors
 
 

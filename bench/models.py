@@ -134,7 +134,7 @@ def make_prompt(size: Size, seed: int = 1) -> dict[str, np.ndarray]:
 
 def vle_projectors(size: Size, seed: int = 0) -> dict:
     """{"llm": {"layers_i": {"mlp": {"down_proj": {"basis": U [F, k]}}}}}: a random orthonormal U per
-    block (what `vacuum.build_projectors` stores when k < F/2; its values do not change the cost)."""
+    block (what `vacuum.build_vacuum_projectors` stores when k < F/2; its values do not change the cost)."""
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(size.layers):

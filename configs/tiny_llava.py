@@ -75,7 +75,7 @@ def get_config():
     c.vanilla.loss = "token"
     c.vanilla.length_buckets = 2
     c.vanilla.base_replay = 0.15  # fraction of steps on base data, so the celebrities are not overwritten
-    # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see finetune.py: the fictitious people's facts
+    # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see train/recipes.py: the fictitious people's facts
     # also in task formats (training wording, fresh options); 0 = ft_Data alone.
     c.vanilla.task_variants = 1
     c.vanilla.task_kinds = ("classification", "cloze")
@@ -89,13 +89,13 @@ def get_config():
     #   vleraser sweep --config configs/tiny_llava.py --method gd --grid learning_rate=1e-4,3e-4,1e-3 epochs=1,3
     c.vl_eraser = ml_collections.ConfigDict()
     c.vl_eraser.rank = 8
-    c.vl_eraser.alpha = 16.0
+    c.vl_eraser.lora_alpha = 16.0
     c.vl_eraser.lambda_ = 0.5
     c.vl_eraser.ce_mode = "added"
     c.vl_eraser.pooling = "tokens"  # 80 retain images: per-image means span too few directions to protect
     c.vl_eraser.threshold_mode = "rank"
     c.vl_eraser.retained_rank = 192  # of 512 FFN key dimensions
-    c.vl_eraser.delete_alpha = 8.0  # a cosine-distilled LoRA has no natural scale; 1.0 deleted nothing
+    c.vl_eraser.deletion_strength = 8.0  # a cosine-distilled LoRA has no natural scale; 1.0 deleted nothing
     c.vl_eraser.steps = 100
     c.vl_eraser.batch_size = 16
     c.vl_eraser.learning_rate = 1e-3

@@ -157,7 +157,8 @@ def full_checkpoint(tmp_path_factory):
     """A complete tiny LLaVA directory: random weights, a trained tokenizer, an image processor, an image."""
     from PIL import Image
 
-    from vleraser_jax.processing import train_tokenizer, write_image_processor_config
+    from vleraser_jax.data.synthetic import train_tokenizer
+    from vleraser_jax.processing import write_image_processor_config
 
     path = tmp_path_factory.mktemp("full_ckpt")
     tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)

@@ -16,6 +16,7 @@ from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.unlearn import baselines as bl
 from vleraser_jax.unlearn import lora as lora_lib
 from vleraser_jax.unlearn import trainer as tr
+from vleraser_jax.unlearn.adapter import Adapter
 
 LM_LINEAR_PARAMS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/"
 
@@ -33,13 +34,14 @@ def quick_compiles():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A complete tiny LLaVA checkpoint (1 LM block, 1 vision layer: quick to compile), its processor,
-    training rows, and fixed-shape text batches (finetune.tokenize + epoch_batches, batch size 2)."""
+    training rows, and fixed-shape text batches (batching.tokenize + epoch_batches, batch size 2)."""
     from conftest import CORPUS, make_torch_llava, tiny_llava_hf_config
     from PIL import Image
 
     from vleraser_jax.data.mllmu import TrainingRow
-    from vleraser_jax.finetune import qa_example, tokenize
-    from vleraser_jax.processing import load_processor, train_tokenizer, write_image_processor_config
+    from vleraser_jax.data.batching import epoch_batches, group_lengths, qa_example, tokenize
+    from vleraser_jax.data.synthetic import train_tokenizer
+    from vleraser_jax.processing import load_processor, write_image_processor_config
 
     path = tmp_path_factory.mktemp("small_llava")
     tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)
@@ -66,8 +68,8 @@ def small(tmp_path_factory):
               TrainingRow("r2", "What does the portrait show?", "A woman with red hair.", None),
               TrainingRow("r2", "Who is Tomas Reyd?", "A marine biologist.", None))
     datas = [tokenize(processor, [qa_example(processor, r) for r in rows], 64) for rows in (forget_text, retain)]
-    lengths = bl.group_lengths(*datas)  # one batch shape for both sets: fewer compiles
-    forget, retain_batches = (bl.epoch_batches(d, 2, seed=0, lengths=lengths) for d in datas)
+    lengths = group_lengths(*datas)  # one batch shape for both sets: fewer compiles
+    forget, retain_batches = (epoch_batches(d, 2, seed=0, lengths=lengths) for d in datas)
     return SimpleNamespace(model=model, params=params, config=config, processor=processor, path=path,
                            forget_image=forget_image, forget_text=forget_text, retain_rows=retain,
                            forget=forget, retain=retain_batches)
@@ -86,6 +88,11 @@ def lora_state(params, b_std, seed=0):
     flat = {k: (jnp.asarray(b_std * rng.standard_normal(v.shape), jnp.float32) if k[-1] == "b" else v)
             for k, v in traverse_util.flatten_dict(trainable).items()}
     return traverse_util.unflatten_dict(flat), frozen
+
+
+def loss_of(adapter, method, **fields):
+    """The baseline loss of `method` with these BaselineConfig fields."""
+    return bl.baseline_loss_fn(adapter, bl.BaselineConfig(method=method, lora=adapter.lora, **fields))
 
 
 def perturbed(params, scale=0.05, seed=3):
@@ -125,7 +132,7 @@ def lora_case(setup):
     model, params, _, forget, retain = setup
     trainable, frozen = lora_state(params, 0.02)
     frozen = {**frozen, "ref": perturbed(params)}
-    return bl.Adapter(model, lora=True), trainable, frozen, forget[0], retain
+    return Adapter(model, lora=True), trainable, frozen, forget[0], retain
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +144,10 @@ def forget_grads(lora_case):
     def run(t):
         grad = lambda f: jax.grad(lambda t: f(t))(t)
         return {
-            "ga": grad(lambda t: bl.ga_loss_fn(adapter)(frozen, t, forget, None)[0]),
+            "ga": grad(lambda t: loss_of(adapter, "ga")(frozen, t, forget, None)[0]),
             "nll": grad(lambda t: tr.causal_lm_loss(adapter.logits(frozen, t, batch), batch["labels"])),
-            "npo_beta_to_0": grad(lambda t: bl.npo_loss_fn(adapter, 1e-6)(frozen, t, forget, None)[0]),
-            "npo_losses": {r: bl.npo_loss_fn(adapter, 0.4, r)(frozen, t, forget, None) for r in bl.NPO_NLL},
+            "npo_beta_to_0": grad(lambda t: loss_of(adapter, "npo", beta=1e-6)(frozen, t, forget, None)[0]),
+            "npo_losses": {r: loss_of(adapter, "npo", beta=0.4, npo_nll=r)(frozen, t, forget, None) for r in bl.NPO_NLL},
             "logits": adapter.logits(frozen, t, batch),
             "ref_logits": adapter.reference_logits(frozen, batch),
         }
@@ -194,11 +201,13 @@ def test_npo_gradient_tends_to_ga_as_beta_vanishes(forget_grads):
 
 
 @pytest.fixture(scope="module")
-def kl_results(lora_case):
-    adapter, moved, frozen, forget, retain = lora_case
+def kl_results(lora_case, setup):
+    """KL at θ = vanilla and at a θ far enough from it (b ~ N(0, 0.1²)) that forward and reverse KL differ."""
+    adapter, _, frozen, forget, retain = lora_case
+    moved, _ = lora_state(setup[1], 0.1, seed=5)
     at_vanilla = jax.tree_util.tree_map(lambda x: x * 0 if x.shape[0] == 16 else x, moved)  # b = 0: θ = vanilla
     assert all(float(jnp.abs(v).max()) == 0 for k, v in traverse_util.flatten_dict(at_vanilla).items() if k[-1] == "b")
-    loss_fn = bl.kl_loss_fn(adapter, kl_weight=0.5, retain_weight=2.0)
+    loss_fn = loss_of(adapter, "kl", kl_weight=0.5, retain_weight=2.0)
 
     @jax.jit
     def run(t0, t1):
@@ -312,7 +321,7 @@ def test_masked_forget_step_leaves_unselected_weights_unchanged(setup):
 
 
 def test_epoch_batches_cover_every_row_once_with_fixed_shapes():
-    from vleraser_jax.finetune import Tokenized
+    from vleraser_jax.data.batching import Tokenized, epoch_batches
 
     n, length = 5, 24
     rng = np.random.default_rng(0)
@@ -324,7 +333,7 @@ def test_epoch_batches_cover_every_row_once_with_fixed_shapes():
     labels = np.where(mask == 1, ids, tr.IGNORE_INDEX)
     image_index = np.array([0, -1, 1, -1, -1])
     data = Tokenized(ids, labels, mask, image_index, rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
-    batches = bl.epoch_batches(data, batch_size=2, seed=0)
+    batches = epoch_batches(data, batch_size=2, seed=0)
     assert [b["input_ids"].shape for b in batches] == [(2, 16), (2, 24), (2, 24)]  # image rows, then text rows
     assert all(("pixel_values" in b) == (i == 0) for i, b in enumerate(batches))
     seen = []
@@ -383,8 +392,8 @@ def test_registry_and_config_validation():
     title, cfg = bl.baseline_config("npo", {"beta": 0.1, "npo_nll": "sequence"})
     assert title == "NPO" and cfg.beta == 0.1 and cfg.lora and cfg.lora_rank == 16 and cfg.lora_alpha == 16
     assert bl.baseline_config("mmunlearner")[1].lora is False
-    stage = bl.reference_stage("gd")
-    assert (stage.batch_size, stage.learning_rate) == (4, 2e-5)
+    run = bl.reference_run_settings("gd")
+    assert (run.batch_size, run.learning_rate) == (4, 2e-5)
     with pytest.raises(ValueError, match="unknown baseline settings"):
         bl.baseline_config("ga", {"nope": 1})
     with pytest.raises(ValueError, match="lora=False"):
@@ -419,17 +428,20 @@ def e2e(small):
 
 @pytest.mark.parametrize("name", bl.METHOD_NAMES)
 def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
-    from vleraser_jax.unlearn.run import StageOneConfig
+    from vleraser_jax.experiment.artifacts import save_method_run
+    from vleraser_jax.experiment.methods import MethodRun
 
     model, params, processor, bench, small = e2e
-    stage = StageOneConfig(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0, max_length=64, seed=0)
+    run = tr.RunSettings(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0, max_length=64, seed=0)
     out = tmp_path / name if name == "gd" else None
     # GA forgets the image rows (the vision path); the others text rows, to keep compiles few
-    forget_rows = None if name == "ga" else small.forget_text[:2]
+    forget_rows = bench.forget_train if name == "ga" else small.forget_text[:2]
     messages = []
-    unlearned, info = bl.unlearn_baseline(model, params, processor, bench, name, {"epochs": None}, stage, out,
-                                          source_dir=small.path, forget_rows=forget_rows, progress=False,
+    unlearned, info = bl.unlearn_baseline(model, params, processor, forget_rows, bench.retain_train, name,
+                                          {"epochs": None}, run, full_rows=bench.full_train, progress=False,
                                           log=messages.append)
+    if out is not None:
+        save_method_run(out, MethodRun("GD", unlearned, info), model.config, source_dir=small.path)
     flat_in, flat_out = traverse_util.flatten_dict(params), traverse_util.flatten_dict(unlearned)
     assert set(flat_in) == set(flat_out)
     for k, v in flat_in.items():
@@ -458,19 +470,19 @@ def test_method_settings_route_to_where_run_method_reads_them():
     from pathlib import Path
 
     from vleraser_jax.config import load_config
-    from vleraser_jax.unlearn import run as R
+    from vleraser_jax.experiment import methods as R
 
     c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_llava.py", [])
     swept = R.with_method_settings(c, "gd", {"learning_rate": 5e-4, "retain_weight": 0.5, "batch_size": 2})
-    title, settings, stage = R.baseline_method_config(swept, "gd")
+    title, settings, run = R.baseline_method_config(swept, "gd")
     assert title == "GD" and settings.retain_weight == 0.5 and settings.method == "gd"
-    assert (stage.learning_rate, stage.batch_size) == (5e-4, 2)
+    assert (run.learning_rate, run.batch_size) == (5e-4, 2)
     # the input config is untouched, and the other baselines keep their own learning rates
     assert R.baseline_method_config(c, "gd")[2].learning_rate == c.baselines.gd.learning_rate
     assert R.baseline_method_config(swept, "ga")[2].learning_rate == c.baselines.ga.learning_rate
-    _, cfg, vstage = R.method_config(R.with_method_settings(c, "vl_eraser_no_ce", {"delete_alpha": 2.0, "steps": 7}),
+    _, cfg, vstage = R.method_config(R.with_method_settings(c, "vl_eraser_no_ce", {"deletion_strength": 2.0, "steps": 7}),
                                      "vl_eraser_no_ce")
-    assert (cfg.delete_alpha, cfg.lambda_, vstage.steps) == (2.0, 1.0, 7)
+    assert (cfg.deletion_strength, cfg.lambda_, vstage.steps) == (2.0, 1.0, 7)
     with pytest.raises(ValueError, match="unknown settings"):
         R.with_method_settings(c, "npo", {"betta": 0.1})
     with pytest.raises(ValueError, match="unknown settings"):

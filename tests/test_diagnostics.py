@@ -69,7 +69,7 @@ def tiny_model(family: str):
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
 def two_trees(request):
-    from vleraser_jax.finetune import init_from_scratch
+    from vleraser_jax.train.tiny_models import init_from_scratch
 
     model = tiny_model(request.param)
     return request.param, init_from_scratch(model, 0), init_from_scratch(model, 1)
@@ -345,7 +345,7 @@ def test_diagnostics_settings_name_the_field():
 
 
 def test_demo_flags_reach_run_experiment(monkeypatch, tmp_path):
-    from vleraser_jax.unlearn import run
+    from vleraser_jax.experiment import runner as run
 
     parse = cli.build_parser().parse_args
     assert cli.demo_diagnostics(parse(["demo"])) is None
@@ -370,17 +370,17 @@ def test_demo_flags_reach_run_experiment(monkeypatch, tmp_path):
 
 
 def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp_path, full_checkpoint, bench):
-    from vleraser_jax import finetune
     from vleraser_jax.data import mllmu
-    from vleraser_jax.unlearn import run
+    from vleraser_jax.experiment import runner as run
+    from vleraser_jax.experiment.methods import MethodRun
 
     seen = {"vanilla": None, "evaluated": []}
 
-    def fake_run_method(c, method, model, params, processor, bench, out_dir=None, *, source_dir=None, log=print):
+    def fake_run_method(c, method, model, params, processor, bench, *, log=print):
         # an "unlearning" that only damps the projector: what the reload diagnostic is built to catch
         seen["vanilla"] = params
         unlearned = {**params, "projector": jax.tree_util.tree_map(lambda x: 0.5 * x, params["projector"])}
-        return {"npo": "NPO", "ga": "GA"}[method], unlearned, {"train_seconds": 0.1, "total_seconds": 0.2}
+        return MethodRun({"npo": "NPO", "ga": "GA"}[method], unlearned, {"train_seconds": 0.1, "total_seconds": 0.2})
 
     evaluate = dg._evaluate
 
@@ -390,8 +390,8 @@ def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp
 
     monkeypatch.setattr(run, "run_method", fake_run_method)
     monkeypatch.setattr(dg, "_evaluate", spy)
-    monkeypatch.setattr(finetune, "run_stage", lambda c, stage, log=print: full_checkpoint)
-    monkeypatch.setattr(finetune, "data_root", lambda c: tmp_path / "data")
+    monkeypatch.setattr(run, "run_stage", lambda c, stage, log=print: full_checkpoint)
+    monkeypatch.setattr(run, "data_root", lambda c: tmp_path / "data")
     monkeypatch.setattr(mllmu, "load_benchmark", lambda root, ratio: bench)
     c = ml_collections.ConfigDict({
         "name": "tiny", "seed": 0, "work_dir": str(tmp_path), "data": {"forget_ratio": 5},

@@ -7,7 +7,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from vleraser_jax.eval import metrics
-from vleraser_jax.eval.protocol import (
+from vleraser_jax.data.protocol import (
     Exemplar,
     Prompter,
     llava_classification,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vleraser_jax.data.mllmu import Benchmark, MultipleChoice, OpenItem, Profile
 from vleraser_jax.eval import evaluate as ev
-from vleraser_jax.eval.protocol import Prompter
+from vleraser_jax.data.protocol import Prompter
 from vleraser_jax.eval.report import load_results, render_markdown, write_report
 from vleraser_jax.generate import generate
 from vleraser_jax.checkpoints import load_pretrained

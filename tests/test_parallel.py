@@ -106,7 +106,7 @@ def test_mesh_specs_and_divisibility():
 
 def test_7b_parameters_split_over_every_device_of_the_documented_mesh():
     """On 1x4x2 every large 7B matrix is split 8 ways (no silently replicated weights)."""
-    from vleraser_jax.plan import build_model
+    from vleraser_jax.experiment.plan import build_model
     from vleraser_jax.config import load_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
@@ -127,7 +127,7 @@ def test_planner_compiles_the_real_programs_and_judges_the_fit(quick_compiles):
     """`vleraser plan`'s machinery on a tiny architecture (1 device here; the 7B numbers are in the README):
     both programs compile from abstract shapes, bytes and FLOPs grow with the batch, the verdict follows
     the device memory."""
-    from vleraser_jax import plan as pl
+    from vleraser_jax.experiment import plan as pl
     from vleraser_jax.config import load_config
 
     c = load_config(Path(__file__).resolve().parent.parent / "configs" / "llava_1_5_7b.py",
@@ -142,14 +142,14 @@ def test_planner_compiles_the_real_programs_and_judges_the_fit(quick_compiles):
     for p in plans:
         assert p.argument_bytes >= 4 * info["parameters"] and p.flops > 0 and p.temp_bytes > 0
         assert p.peak_bytes == p.argument_bytes + p.output_bytes - p.alias_bytes + p.temp_bytes
-    stage1 = plans[0]
-    assert stage1.alias_bytes > 0  # the donated train state is updated in place
+    distill = plans[0]
+    assert distill.alias_bytes > 0  # the donated train state is updated in place
     sharder = par.Sharder(par.make_mesh("1x1x1"))
-    bigger = pl._analyse("x", "", pl.stage1_program(c, model, sharder, batch=8)[0])
-    assert bigger.flops > 1.5 * stage1.flops and bigger.temp_bytes > stage1.temp_bytes
-    text = pl.format_plan(c, plans, info, device_memory_gb=stage1.peak_bytes / 1e9 * 1.01)
+    bigger = pl._analyse("x", "", pl.distill_program(c, model, sharder, batch=8)[0])
+    assert bigger.flops > 1.5 * distill.flops and bigger.temp_bytes > distill.temp_bytes
+    text = pl.format_plan(c, plans, info, device_memory_gb=distill.peak_bytes / 1e9 * 1.01)
     assert text.splitlines()[4].endswith("  fits")
-    text = pl.format_plan(c, plans, info, device_memory_gb=stage1.peak_bytes / 1e9 * 0.99)
+    text = pl.format_plan(c, plans, info, device_memory_gb=distill.peak_bytes / 1e9 * 0.99)
     assert text.splitlines()[4].endswith("DOES NOT FIT")
 
 
@@ -366,17 +366,17 @@ def _child(out_path: str) -> None:
     retain = [strip(llava_batch(rng, 4)) for _ in range(2)]
     moments, _ = vacuum.collect_moments(llava, lp, retain, progress=False)
     ref["moments"] = moments
-    projectors, _ = vacuum.build_projectors(moments, threshold=1e-6, mode="relative")
+    projectors, _ = vacuum.build_vacuum_projectors(moments, threshold=1e-6, mode="relative")
     dense = lambda pr: {k: np.eye(v["basis"].shape[0]) - np.asarray(v["basis"], np.float64) @ np.asarray(v["basis"], np.float64).T
                         for k, v in lora_lib.entries(pr).items()}
     ref["projector"] = dense(projectors)
 
-    vcfg = vle.VLEraserConfig(rank=4, alpha=8.0)
-    lora = lora_lib.init(lp, vcfg.rank, vcfg.alpha, jax.random.PRNGKey(2), b_std=0.1)
+    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0)
+    lora = lora_lib.init(lp, vcfg.rank, vcfg.lora_alpha, jax.random.PRNGKey(2), b_std=0.1)
     trainable, scales = lora_lib.split_trainable(lora)
-    frozen = {"params": lp, "scales": scales, "vacuum": projectors}
+    frozen = {"params": lp, "lora_scales": scales, "vacuum": projectors}
     tx = tr.make_optimizer(tr.TrainConfig(total_steps=2, learning_rate=1e-2))
-    vle_loss = vle.stage1_loss_fn(llava, vcfg)
+    vle_loss = vle.distillation_loss_fn(llava, vcfg)
 
     def one_step(loss_fn, trainable, frozen, batch, sharding=None):
         state = tr.init_state(trainable, tx, 0, sharding)
@@ -392,7 +392,7 @@ def _child(out_path: str) -> None:
     npo_loss = bl.baseline_loss_fn(adapter, ncfg)
     state, metrics = one_step(npo_loss, n_train, n_frozen, {"forget": lb})
     ref["npo_step"] = (state.trainable, state.opt_state, metrics)
-    ref["deletion"] = jax.jit(lambda p, l, pr: vle.delete(p, l, pr, alpha=0.7))(lp, lora, projectors)
+    ref["deletion"] = jax.jit(lambda p, l, pr: vle.delete(p, l, pr, strength=0.7))(lp, lora, projectors)
 
     tmp = Path(tempfile.mkdtemp())
     save_pretrained(lp, llava.config, tmp / "llava", max_shard_size="100KB")  # several shard files
@@ -415,7 +415,7 @@ def _child(out_path: str) -> None:
 
         m, _ = vacuum.collect_moments(llava, lp, retain, progress=False, sharding=sh)
         results["moments"][mesh_spec] = max(_rel(m[k], ref["moments"][k]) for k in ref["moments"])
-        pr, _ = vacuum.build_projectors(m, threshold=1e-6, mode="relative")
+        pr, _ = vacuum.build_vacuum_projectors(m, threshold=1e-6, mode="relative")
         d = dense(pr)
         results["projector"][mesh_spec] = max(_rel(d[k], ref["projector"][k]) for k in d)
 
@@ -425,7 +425,7 @@ def _child(out_path: str) -> None:
         mu_a = _leaf(state.opt_state, "mu/llm/layers_0/mlp/down_proj/a")
         state, metrics = one_step(npo_loss, n_train, n_frozen, {"forget": lb}, sh)
         results["npo_step"][mesh_spec] = _tree_rel((state.trainable, state.opt_state, metrics), ref["npo_step"])
-        deleted = vle.delete(lp, lora, projectors, alpha=0.7, sharding=sh)
+        deleted = vle.delete(lp, lora, projectors, strength=0.7, sharding=sh)
         results["deletion"][mesh_spec] = _tree_rel(deleted, ref["deletion"])
 
         kernel = deleted["llm"]["layers_0"]["mlp"]["down_proj"]["kernel"]
@@ -476,11 +476,11 @@ def _child_loop(out_path: str) -> None:
     llava = LlavaForConditionalGeneration(tiny_llava(layers=1))
     lp = jax.jit(lambda k: llava.init(k, **llava.dummy_inputs())["params"])(jax.random.PRNGKey(0))
     batches = [llava_batch(np.random.default_rng(i), 8) for i in range(3)]
-    vcfg = vle.VLEraserConfig(rank=4, alpha=8.0, vacuum=False)
+    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0, vacuum=False)
     trainable, scales = lora_lib.split_trainable(lora_lib.init(lp, 4, 8.0, jax.random.PRNGKey(2), b_std=0.1))
-    frozen = {"params": lp, "scales": scales, "vacuum": None}
+    frozen = {"params": lp, "lora_scales": scales, "vacuum": None}
     cfg = tr.TrainConfig(total_steps=3, learning_rate=1e-2, progress=False, log_every=1)
-    loss_fn = vle.stage1_loss_fn(llava, vcfg)
+    loss_fn = vle.distillation_loss_fn(llava, vcfg)
     ref = tr.train(loss_fn, trainable, frozen, lambda step: batches[step], cfg)
     sh = par.Sharder(par.make_mesh("2x2x2"))
     ckpt = dataclasses.replace(cfg, checkpoint_dir=tempfile.mkdtemp())

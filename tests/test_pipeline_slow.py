@@ -10,8 +10,10 @@ import json
 import pytest
 
 from vleraser_jax.config import load_config
-from vleraser_jax.finetune import run_stage, stage_dir
-from vleraser_jax.unlearn.run import run_experiment, run_sweep
+from vleraser_jax.experiment.runner import run_experiment
+from vleraser_jax.experiment.sweep import run_sweep
+from vleraser_jax.train.stages import run_stage
+from vleraser_jax.train.workspace import stage_dir
 
 MICRO = [
     "--config.data.num_people=20", "--config.data.num_celebrities=4", "--config.data.image_size=16",
@@ -28,7 +30,7 @@ MICRO = [
 def test_micro_pipeline_end_to_end(tmp_path):
     c = load_config("configs/tiny_llava.py", MICRO + [f"--config.work_dir={tmp_path}"])
     c.vl_eraser = {"steps": 2, "batch_size": 4, "rank": 2}
-    c.baselines = {"stage": {"batch_size": 8, "learning_rate": 1e-4}}
+    c.baselines = {"run": {"batch_size": 8, "learning_rate": 1e-4}}
     report_dir = run_experiment(c, ["vl_eraser", "ga"], log=lambda *_: None)
     methods = json.loads((report_dir / "results.json").read_text())["methods"]
     assert list(methods) == ["Vanilla", "VL-Eraser", "GA"]
@@ -42,12 +44,12 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert stage_dir(c, "vanilla").stat().st_mtime == before
 
     # the sweep picks settings on pseudo-forget retain people; deleting with alpha 0 is the vanilla model
-    best, rows = run_sweep(c, {"delete_alpha": [0.0, 1.0]}, metric="cloze", validation_people=2, log=lambda *_: None)
-    assert [r["delete_alpha"] for r in rows] == [0.0, 1.0]
+    best, rows = run_sweep(c, {"deletion_strength": [0.0, 1.0]}, metric="cloze", validation_people=2, log=lambda *_: None)
+    assert [r["deletion_strength"] for r in rows] == [0.0, 1.0]
     assert rows[0]["progress"] == 0.0 and rows[0]["eligible"]
-    assert best["delete_alpha"] in (0.0, 1.0)
+    assert best["deletion_strength"] in (0.0, 1.0)
     with pytest.raises(ValueError, match="sweep metric"):
-        run_sweep(c, {"delete_alpha": [1.0]}, metric="rouge")
+        run_sweep(c, {"deletion_strength": [1.0]}, metric="rouge")
     # the same protocol for a baseline: learning rate 0 leaves the model as it was
     _, rows = run_sweep(c, {"learning_rate": [0.0]}, method="ga", validation_people=2, log=lambda *_: None)
     assert rows[0]["progress"] == 0.0
@@ -61,7 +63,7 @@ def test_micro_pipeline_on_qwen2vl(tmp_path):
                                                           "--config.model.mrope_section=(2,3,3)"]
     c = load_config("configs/tiny_qwen2vl.py", micro + [f"--config.work_dir={tmp_path}"])
     c.vl_eraser = {"steps": 2, "batch_size": 4, "rank": 2}
-    c.baselines = {"stage": {"batch_size": 8, "learning_rate": 1e-4}}
+    c.baselines = {"run": {"batch_size": 8, "learning_rate": 1e-4}}
     c.diagnostics = {"relearn_steps": 2, "quantize_bits": (8,)}
     report_dir = run_experiment(c, ["vl_eraser", "mmunlearner"], log=lambda *_: None)
     results = json.loads((report_dir / "results.json").read_text())

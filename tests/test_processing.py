@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vleraser_jax import processing as P
+from vleraser_jax.data.synthetic import train_tokenizer
 
 SENTENCES = [
     "USER: What is the name of the person in the image?\nASSISTANT: Her name is Alice Smith.",
@@ -33,7 +34,7 @@ def _image(seed, h, w):
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    P.train_tokenizer(SENTENCES, d, vocab_size=400)
+    train_tokenizer(SENTENCES, d, vocab_size=400)
     return d
 
 
@@ -85,7 +86,7 @@ def _rows(ids, mask):
 def test_tokenizer_roundtrip_and_specials(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 
-    tok = P.train_tokenizer(SENTENCES, tmp_path / "a", vocab_size=400)
+    tok = train_tokenizer(SENTENCES, tmp_path / "a", vocab_size=400)
     again = AutoTokenizer.from_pretrained(tmp_path / "a")
     assert tok.get_vocab() == again.get_vocab()
     text = "USER: <image>\nWho is Alice?\nASSISTANT: Alice Smith<image>x"

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from vleraser_jax import processing as P
+from vleraser_jax.data.synthetic import train_qwen2_vl_tokenizer
 
 SENTENCES = [
     "What is the name of the person in the image? Her name is Alice Smith.",
@@ -38,7 +39,7 @@ def ckpt(tmp_path_factory):
     from qwen2_vl_helpers import tiny_qwen2_vl_hf_config
 
     root = tmp_path_factory.mktemp("qwen_proc")
-    tok = P.train_qwen2_vl_tokenizer(SENTENCES, root, vocab_size=400)
+    tok = train_qwen2_vl_tokenizer(SENTENCES, root, vocab_size=400)
     hf = tiny_qwen2_vl_hf_config()
     hf.text_config.vocab_size = len(tok)
     hf.text_config.eos_token_id = tok.eos_token_id

@@ -36,7 +36,7 @@ from vleraser_jax.eval.report import ReportError, write_report
 from vleraser_jax.checkpoints import CheckpointError, load_pretrained, save_pretrained
 from vleraser_jax.models.configs import ConfigError
 from vleraser_jax.unlearn import trainer as tr
-from vleraser_jax.unlearn.run import load_artifacts, save_artifacts
+from vleraser_jax.experiment.artifacts import load_artifacts, save_artifacts
 
 TESTS = Path(__file__).resolve().parent
 
@@ -405,6 +405,36 @@ def test_export_onto_a_full_disk_keeps_the_previous_export(source, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_next_write_removes_what_a_killed_write_left_behind(source, tmp_path):
+    """A SIGKILLed writer cannot clean up its hidden temporary sibling; the next write to the same target does,
+    and leaves alone the sibling of a writer that is still running (and unrelated hidden files)."""
+    import subprocess
+
+    _, params, config = source
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [tmp_path / f".out.tmp-{dead.pid}-abc123", tmp_path / f".out.old-{dead.pid}-def456"]
+        for d in stale:
+            d.mkdir()
+            (d / "model.safetensors").write_bytes(b"half a file")
+        busy = tmp_path / f".out.tmp-{alive.pid}-ghi789"
+        busy.mkdir()
+        unrelated = tmp_path / ".other.tmp-1-x"
+        unrelated.mkdir()
+        save_pretrained(params, config, tmp_path / "out")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", busy.name, unrelated.name])
+        io.write_text_atomic(tmp_path / "note.txt", "first")
+        (tmp_path / f".note.txt.tmp-{dead.pid}-zzz").write_text("torn")
+        io.write_text_atomic(tmp_path / "note.txt", "second")
+        assert (tmp_path / "note.txt").read_text() == "second"
+        assert not (tmp_path / f".note.txt.tmp-{dead.pid}-zzz").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_new_export_that_fails_leaves_no_directory(source, tmp_path):
     _, params, config = source
     with file_size_limit(20_000), pytest.raises(CheckpointError, match=r"File too large.*nothing was written"):
@@ -544,16 +574,20 @@ def run_tiny_pipeline(world: Path, out: Path, seed: int) -> None:
     from vleraser_jax.data.mllmu import load_benchmark
     from vleraser_jax.eval.evaluate import EvalConfig, evaluate
     from vleraser_jax.processing import load_processor
-    from vleraser_jax.unlearn.run import StageOneConfig, unlearn_vl_eraser
-    from vleraser_jax.unlearn.vl_eraser import VLEraserConfig
+    from vleraser_jax.experiment.artifacts import save_method_run
+    from vleraser_jax.experiment.methods import MethodRun
+    from vleraser_jax.unlearn.trainer import RunSettings
+    from vleraser_jax.unlearn.vl_eraser import VLEraserConfig, unlearn_vl_eraser
 
     model, params, _ = load_pretrained(world / "ckpt")
     processor = load_processor(world / "ckpt")
     bench = load_benchmark(world / "bench", 5, cache_dir=world / "hf_cache")
-    unlearned, _ = unlearn_vl_eraser(
-        model, params, processor, bench, VLEraserConfig(rank=2, threshold_mode="rank", retained_rank=2),
-        StageOneConfig(steps=1, batch_size=4, warmup_steps=0, max_length=64, seed=seed), out / "run",
-        source_dir=world / "ckpt", log=lambda *_: None)
+    unlearned, lora, projectors, info = unlearn_vl_eraser(
+        model, params, processor, bench.forget_train, bench.retain_train,
+        VLEraserConfig(rank=2, threshold_mode="rank", retained_rank=2),
+        RunSettings(steps=1, batch_size=4, warmup_steps=0, max_length=64, seed=seed), log=lambda *_: None)
+    save_method_run(out / "run", MethodRun("VL-Eraser", unlearned, info, lora, projectors), model.config,
+                    source_dir=world / "ckpt")
     cfg = EvalConfig(sets=("forget", "retain"), modes=("visual",), tasks=("classification",), loglik=False,
                      max_people=1, batch_size=16, max_new_tokens=2, bootstrap_resamples=100, seed=seed)
     result = evaluate(model, unlearned, processor, bench, cfg)

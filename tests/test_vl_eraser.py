@@ -59,7 +59,7 @@ def test_moments_equal_an_independent_computation(setup):
 def test_projector_is_symmetric_idempotent_and_annihilates_retain_keys(setup):
     model, params, _, retain, moments, _ = setup
     keys = pooled_keys(model, params, retain)
-    projectors, report = vacuum.build_projectors(moments, threshold=1e-6, mode="relative")
+    projectors, report = vacuum.build_vacuum_projectors(moments, threshold=1e-6, mode="relative")
     entries = lora_lib.entries(projectors)
     assert [r.block for r in report] == ["llm/layers_0/mlp", "llm/layers_1/mlp"]
     for r in report:
@@ -80,20 +80,20 @@ def test_projector_is_symmetric_idempotent_and_annihilates_retain_keys(setup):
 def test_threshold_modes_and_dense_storage(setup):
     *_, moments, _ = setup
     c = next(iter(moments.values()))
-    _, by_rank = vacuum.projector_from_moment(c, mode="rank", rank=60)
+    _, by_rank = vacuum.vacuum_projector_from_moment(c, mode="rank", rank=60)
     assert by_rank["retained_rank"] == 60 and by_rank["stored"] == "dense"  # 60 >= 96/2
-    _, none_kept = vacuum.projector_from_moment(c, threshold=1e9, mode="absolute")
+    _, none_kept = vacuum.vacuum_projector_from_moment(c, threshold=1e9, mode="absolute")
     assert none_kept["retained_rank"] == 0 and none_kept["null_dim"] == 96 and none_kept["stored"] == "identity"
     with pytest.raises(ValueError, match="rank"):
-        vacuum.projector_from_moment(c, mode="rank")
+        vacuum.vacuum_projector_from_moment(c, mode="rank")
 
 
 def test_delete_is_pure_matches_dense_formula_and_spares_retain_keys(setup):
     model, params, config, retain, moments, _ = setup
-    projectors, _ = vacuum.build_projectors(moments, threshold=1e-6, mode="relative")
+    projectors, _ = vacuum.build_vacuum_projectors(moments, threshold=1e-6, mode="relative")
     lora = lora_lib.init(params, rank=4, alpha=8.0, rng=jax.random.PRNGKey(0), b_std=0.5)
     before = jax.tree_util.tree_map(np.asarray, params)
-    out = vle.delete(params, lora, projectors, alpha=0.7)
+    out = vle.delete(params, lora, projectors, strength=0.7)
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, params))
     keys = pooled_keys(model, params, retain)
     for i in range(config.text.num_hidden_layers):
@@ -115,7 +115,7 @@ def test_delete_is_pure_matches_dense_formula_and_spares_retain_keys(setup):
 def test_delete_undoes_the_added_lora_forward(setup):
     """Forward with the LoRA "added" == forward of merge(+); delete(merge(+)) gives back the original."""
     model, params, config, retain, moments, _ = setup
-    projectors, _ = vacuum.build_projectors(moments, threshold=1e-6, mode="relative")
+    projectors, _ = vacuum.build_vacuum_projectors(moments, threshold=1e-6, mode="relative")
     lora = lora_lib.init(params, rank=4, alpha=8.0, rng=jax.random.PRNGKey(1), b_std=0.5)
     batch = retain[0]
     with_lora = model.apply({"params": params, "lora": lora, "vacuum": projectors}, **batch).logits
@@ -155,17 +155,17 @@ def test_distill_loss_is_zero_when_the_student_copies_the_teacher(setup):
 
 @pytest.mark.parametrize("cfg", [vle.VLEraserConfig(), vle.VLEraserConfig(ce_mode="replaced", lambda_=0.3),
                                  vle.VLEraserConfig(vacuum=False, lambda_=1.0)])
-def test_stage1_gradients_are_finite_and_the_step_compiles_once(setup, cfg):
+def test_distillation_gradients_are_finite_and_the_step_compiles_once(setup, cfg):
     model, params, config, retain, moments, _ = setup
-    projectors, _ = vacuum.build_projectors(moments) if cfg.vacuum else (None, None)
-    lora = lora_lib.init(params, cfg.rank, cfg.alpha, jax.random.PRNGKey(0), b_std=cfg.lora_b_std)
+    projectors, _ = vacuum.build_vacuum_projectors(moments) if cfg.vacuum else (None, None)
+    lora = lora_lib.init(params, cfg.rank, cfg.lora_alpha, jax.random.PRNGKey(0), b_std=cfg.lora_b_std)
     trainable, scales = lora_lib.split_trainable(lora)
-    frozen = {"params": params, "scales": scales, "vacuum": projectors}
+    frozen = {"params": params, "lora_scales": scales, "vacuum": projectors}
     batch = dict(retain[0])
     labels = np.where(batch["attention_mask"] == 1, batch["input_ids"], tr.IGNORE_INDEX)
     labels[batch["input_ids"] == config.image_token_index] = tr.IGNORE_INDEX
     batch["labels"] = labels
-    loss_fn = vle.stage1_loss_fn(model, cfg)
+    loss_fn = vle.distillation_loss_fn(model, cfg)
     (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True))(frozen, trainable, batch, None)
     assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
     assert 0.0 <= float(aux["distill"]) <= 2.0

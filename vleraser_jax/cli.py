@@ -160,7 +160,7 @@ def cmd_data_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .finetune import run_stage
+    from .train.stages import run_stage
 
     c = load_config(args.config, args.overrides)
     out = run_stage(c, args.stage, force=args.force)
@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
 
 def cmd_unlearn(args) -> int:
     from .config import load_config
-    from .unlearn.run import run_experiment
+    from .experiment.runner import run_experiment
 
     c = load_config(args.config, args.overrides)
     run_experiment(c, args.method)
@@ -182,7 +182,7 @@ def cmd_sweep(args) -> int:
     from pathlib import Path
 
     from .config import _literal, load_config
-    from .unlearn.run import run_sweep
+    from .experiment.sweep import run_sweep
 
     c = load_config(args.config, args.overrides)
     grid = {}
@@ -220,7 +220,7 @@ def cmd_demo(args) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .unlearn.run import run_experiment
+    from .experiment.runner import run_experiment
 
     config = Path(args.config or Path(__file__).resolve().parent.parent / "configs" / f"{args.backbone}.py")
     # The demo scores a seeded subsample of each set so every method is evaluated within the time budget;
@@ -236,9 +236,19 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .experiment.plan import add_parser as add_plan_parser
+
     parser = argparse.ArgumentParser(prog="vleraser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _checkpoint_commands(sub)
+    _pipeline_commands(sub)
+    _eval_command(sub)
+    add_plan_parser(sub)
+    return parser
 
+
+def _checkpoint_commands(sub) -> None:
+    """inspect, convert, generate, data synth: single checkpoints and the benchmark."""
     p = sub.add_parser("inspect", help="load a local HF checkpoint and summarise it")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_inspect)
@@ -276,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_synth)
 
+
+def _pipeline_commands(sub) -> None:
+    """train, demo, unlearn, sweep: a config's stages and experiments."""
     p = sub.add_parser("train", help="train (or reuse) the base / vanilla model of a config")
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
     p.add_argument("--stage", required=True, choices=["base", "vanilla"])
@@ -283,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .eval.diagnostics import KINDS as DIAGNOSTIC_KINDS
-    from .unlearn.run import all_methods
+    from .experiment.methods import all_methods
 
     p = sub.add_parser("demo", help="the whole pipeline on the synthetic benchmark: data, base, vanilla, "
                                     "VL-Eraser + ablations + baselines, evaluation, report")
@@ -314,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "at chance, see README)")
     p.set_defaults(func=cmd_sweep)
 
+
+def _eval_command(sub) -> None:
     from .data.mllmu import EVAL_SETS, MODES
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on MLLMU-Bench (or the synthetic benchmark)")
@@ -334,11 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")
     p.set_defaults(func=cmd_eval)
-
-    from .plan import add_parser as add_plan_parser
-
-    add_plan_parser(sub)
-    return parser
 
 
 def main(argv=None) -> int:

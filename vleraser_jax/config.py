@@ -87,16 +87,16 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.vanilla.batch_size = 4
     c.vanilla.epochs = 5.0
     c.vanilla.max_length = max_length
-    # LoRA on every LM linear (finetune.run_stage's default pattern), merged into the saved vanilla model.
+    # LoRA on every LM linear (train.stages.run_stage's default pattern), merged into the saved vanilla model.
     # Linear decay without warmup, as the MLLMU-Bench unlearning scripts schedule their steps.
     c.vanilla.schedule = "linear"
     c.vanilla.warmup_steps = 0
     c.vanilla.save_every = 500  # orbax saves: an interrupted run resumes where it stopped
 
-    # VL-Eraser stage 1 (VLEraserConfig + StageOneConfig fields, read by unlearn.run.method_config).
+    # VL-Eraser distillation (VLEraserConfig + RunSettings fields, read by experiment.methods.method_config).
     c.vl_eraser = ml_collections.ConfigDict()
     c.vl_eraser.rank = 16
-    c.vl_eraser.alpha = 16.0
+    c.vl_eraser.lora_alpha = 16.0
     c.vl_eraser.lambda_ = 0.5
     c.vl_eraser.ce_mode = "added"
     c.vl_eraser.steps = 100

@@ -20,13 +20,11 @@ A dimension that its mesh axes do not divide stays replicated over the axes that
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax

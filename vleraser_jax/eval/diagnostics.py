@@ -27,8 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ..data.batching import BatchSchedule, qa_example, tokenize
 from ..data.mllmu import Benchmark
 from ..models.configs import ConfigError
+from ..unlearn import trainer as tr
+from ..unlearn.adapter import full_training_state, lm_loss_fn
+from .evaluate import evaluate
 
 KINDS = ("reload", "quantize", "relearn")
 MODULES = ("projector", "vision")
@@ -52,7 +56,7 @@ DIAGNOSTICS_DEFAULTS: dict[str, Any] = {
     "relearn_steps": 20,
     "relearn_learning_rate": 1e-4,
     "relearn_batch_size": 8,
-    "relearn_max_length": 0,  # 0: VL-Eraser stage 1's max_length (the length the unlearning trained with)
+    "relearn_max_length": 0,  # 0: VL-Eraser distillation's max_length (the length the unlearning trained with)
     # The attacker fine-tunes the language model, where the paper says reverse training leaves the knowledge;
     # vision tower and projector stay as the method left them.
     "relearn_trainable": "^llm/",
@@ -114,8 +118,6 @@ def select_sets(results: Mapping, sets: Sequence[str]) -> dict:
 
 
 def _evaluate(model, params, processor, bench, ecfg, sets):
-    from .evaluate import evaluate
-
     return evaluate(model, params, processor, bench, dataclasses.replace(ecfg, sets=tuple(sets))).results
 
 
@@ -307,21 +309,18 @@ def relearn(model, params, processor, rows: Sequence, cfg: RelearnConfig, *, sha
     """Fine-tune the parameters matching `cfg.trainable` for `cfg.steps` steps on `rows` (TrainingRows, QA
     prompts, next-token loss on answers, constant lr, no weight decay); returns (new params, info). Every
     other parameter is the input's own leaf; the input is untouched."""
-    from ..finetune import BatchSchedule, lm_loss_fn, qa_example, tokenize
-    from ..unlearn import trainer as tr
-
     if not rows:
         raise ValueError("relearn: no training rows")
     data = tokenize(processor, [qa_example(processor, r) for r in rows], cfg.max_length)
     schedule = BatchSchedule([(data, 1.0)], cfg.batch_size, cfg.steps, cfg.seed)
-    trainable, frozen = tr.partition(params, cfg.trainable)
+    trainable, frozen = full_training_state(params, cfg.trainable)
     train_cfg = tr.TrainConfig(total_steps=cfg.steps, learning_rate=cfg.learning_rate, schedule="constant",
                                warmup_steps=0, weight_decay=0.0, seed=cfg.seed, log_every=max(cfg.steps // 5, 1),
                                progress=False, description="relearning attack")
     result = tr.train(lm_loss_fn(model), trainable, frozen, schedule, train_cfg, sharding=sharding)
     info = {"seconds": result.seconds, "rows": len(rows), "final_loss": result.history[-1]["loss"],
             "first_loss": result.history[0]["loss"]}
-    return tr.merge(result.trainable, frozen), info
+    return tr.merge(result.trainable, frozen["params"]), info
 
 
 def relearning_attack(model, unlearned, processor, bench: Benchmark, ecfg, cfg: RelearnConfig, *, sharding=None) -> dict:

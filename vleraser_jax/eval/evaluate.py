@@ -29,7 +29,7 @@ from ..data.mllmu import EVAL_SETS, MODES, Benchmark, MultipleChoice, OpenItem, 
 from ..generate import generate_batch
 from ..processing import image_inputs_of
 from . import metrics
-from .protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
+from ..data.protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
 
 TASKS = ("classification", "cloze", "generation")
 

@@ -142,8 +142,8 @@ class Dense(nn.Module):
 class GatedMLP(nn.Module):
     """SwiGLU FFN y = W_down (act(W_gate x) * W_up x) with the hooks the unlearning methods need.
 
-    - sows the key h = act(W_gate x) * (W_up x) as intermediates["ffn_key"] and the frozen FFN output
-      W_down h (+ bias) as intermediates["ffn_out"] (stored only with `mutable=["intermediates"]`);
+    - sows the key h = act(W_gate x) * (W_up x) as intermediates["ffn_key"] (stored only with
+      `mutable=["intermediates"]`);
     - every projection is a LoRA-aware `Dense`; VL-Eraser puts its LoRA on down_proj behind the vacuum
       projector, and `lora_mode` ("added" / "replaced") applies to down_proj, the FFN's output matrix.
     """
@@ -162,14 +162,7 @@ class GatedMLP(nn.Module):
         )(x)
         self.sow("intermediates", "ffn_key", key)
         down = dense(self.hidden_size, "down_proj")
-        out = down(key, lora_mode)
-        if self.is_mutable_collection("intermediates"):
-            frozen = self.variables["params"]["down_proj"]
-            teacher = key @ frozen["kernel"].astype(key.dtype)
-            if self.use_bias:
-                teacher = teacher + frozen["bias"].astype(key.dtype)
-            self.sow("intermediates", "ffn_out", teacher)
-        return out
+        return down(key, lora_mode)
 
 
 def causal_mask(query_slots, num_slots: int, attention_mask=None):

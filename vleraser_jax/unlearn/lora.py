@@ -23,6 +23,11 @@ DOWN_PROJ = r"^llm/layers_(\d+)/mlp/down_proj$"  # VL-Eraser's default: every LM
 LM_LINEARS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)$"  # MLLMU-Bench baselines
 
 
+def natural_key(path: str) -> list:
+    """Sort key that orders `layers_2` before `layers_10`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
 def target_paths(params, pattern: str = DOWN_PROJ, layers: range | list[int] | None = None) -> list[str]:
     """'/'-joined paths of the Dense modules (parents of a `kernel`) matched by `pattern`.
 
@@ -42,11 +47,16 @@ def target_paths(params, pattern: str = DOWN_PROJ, layers: range | list[int] | N
         found.append(module)
     if not found:
         raise ValueError(f"LoRA target pattern {pattern!r} (layers={layers}) matches no Dense kernel")
-    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+    return sorted(found, key=natural_key)
 
 
-def init(params, rank: int, alpha: float, rng, pattern: str = DOWN_PROJ, layers=None, b_std: float = 0.0) -> dict:
-    """A LoRA tree for every targeted Dense: a ~ N(0, 1/F), b ~ N(0, b_std) (0: the classic B = 0 start)."""
+def init(params, rank: int, alpha: float, rng, pattern: str = DOWN_PROJ, layers=None, *, a_std: float | None = None,
+         b_std: float = 0.0) -> dict:
+    """A LoRA tree for every targeted Dense: a ~ N(0, a_std²), b ~ N(0, b_std²) (b_std 0: the classic B = 0 start).
+
+    a_std None: 1/sqrt(F), F the layer's input width (VL-Eraser); PEFT's `init_lora_weights="gaussian"`, which the
+    baselines use, is a_std = 1/rank with b = 0. scale = alpha / rank.
+    """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     flat_params = traverse_util.flatten_dict(params)
@@ -56,7 +66,8 @@ def init(params, rank: int, alpha: float, rng, pattern: str = DOWN_PROJ, layers=
     for i, module in enumerate(paths):
         f, d = flat_params[tuple(module.split("/")) + ("kernel",)].shape
         prefix = tuple(module.split("/"))
-        flat[prefix + ("a",)] = jax.random.normal(keys[2 * i], (f, rank), jnp.float32) / jnp.sqrt(f)
+        a = jax.random.normal(keys[2 * i], (f, rank), jnp.float32)
+        flat[prefix + ("a",)] = a / jnp.sqrt(f) if a_std is None else a * a_std
         flat[prefix + ("b",)] = b_std * jax.random.normal(keys[2 * i + 1], (rank, d), jnp.float32)
         flat[prefix + ("scale",)] = jnp.asarray(alpha / rank, jnp.float32)
     return traverse_util.unflatten_dict(flat)

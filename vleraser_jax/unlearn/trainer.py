@@ -27,7 +27,7 @@ import optax
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-IGNORE_INDEX = -100
+from ..processing import IGNORE_INDEX
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +58,20 @@ class TrainConfig:
     log_path: str | None = None  # JSONL metrics
     progress: bool = True
     description: str = "training"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The optimisation settings every unlearning method's run has (VL-Eraser's distillation and each baseline):
+    `steps` (when a method counts steps rather than epochs), batch size, learning rate, warmup, the tokenised
+    length and the seed."""
+
+    steps: int = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    max_length: int = 128
+    seed: int = 0
 
 
 @flax.struct.dataclass

@@ -11,7 +11,6 @@ a block whose retain keys pass no threshold gets no entry (P = I).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterable
 
 import jax
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
+
+from .lora import natural_key
 
 POOLINGS = ("mean", "tokens")
 THRESHOLD_MODES = ("absolute", "relative", "rank")
@@ -91,7 +92,7 @@ def collect_moments(model, params, batches: Iterable[dict], pooling: str = "mean
 
     sharding: a `parallel.Sharder`; the sums then stay on the devices, split over the FFN width and
     accumulated in f32 (a 7B model's 32 blocks of 11008² would be 15 GB on one host), and C comes back as
-    sharded f32 arrays, which `build_projectors` accepts as they are.
+    sharded f32 arrays, which `build_vacuum_projectors` accepts as they are.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -141,7 +142,7 @@ class LayerReport:
     bytes: int
 
 
-def projector_from_moment(c: np.ndarray, threshold: float = 2e-2, mode: str = "absolute", rank: int | None = None,
+def vacuum_projector_from_moment(c: np.ndarray, threshold: float = 2e-2, mode: str = "absolute", rank: int | None = None,
                           dtype=np.float32) -> tuple[dict, dict]:
     """{"basis": U_r} or {"dense": P} from one block's second moment, plus its report fields."""
     if mode not in THRESHOLD_MODES:
@@ -175,12 +176,12 @@ def projector_from_moment(c: np.ndarray, threshold: float = 2e-2, mode: str = "a
     return projector, info
 
 
-def build_projectors(moments: dict, threshold: float = 2e-2, mode: str = "absolute", rank: int | None = None,
+def build_vacuum_projectors(moments: dict, threshold: float = 2e-2, mode: str = "absolute", rank: int | None = None,
                      target: str = "down_proj") -> tuple[dict, list[LayerReport]]:
-    """Projector tree for the "vacuum" collection ({block}/{target}/basis|dense) and a per-layer report."""
+    """Vacuum projector tree for the "vacuum" collection ({block}/{target}/basis|dense) and a per-layer report."""
     flat, report = {}, []
-    for block in sorted(moments, key=lambda b: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", b)]):
-        projector, info = projector_from_moment(moments[block], threshold, mode, rank)
+    for block in sorted(moments, key=natural_key):
+        projector, info = vacuum_projector_from_moment(moments[block], threshold, mode, rank)
         for name, value in projector.items():
             flat[tuple(block.split("/")) + (target, name)] = value
         report.append(LayerReport(block=block, **info))

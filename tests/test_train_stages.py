@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vleraser_jax import finetune as ft
+from vleraser_jax.data import batching
+from vleraser_jax.train import recipes, stages, workspace
 from vleraser_jax.config import load_config
 from vleraser_jax.data import mllmu
 from vleraser_jax.processing import load_processor
@@ -46,11 +47,11 @@ def trained(tmp_path_factory):
     """A toy config with both stages trained once; (config, base dir, vanilla dir, log lines)."""
     c = toy_config(tmp_path_factory.mktemp("work"))
     lines: list[str] = []
-    vanilla = ft.run_stage(c, "vanilla", log=lines.append)
-    return c, ft.stage_dir(c, "base"), vanilla, lines
+    vanilla = stages.run_stage(c, "vanilla", log=lines.append)
+    return c, workspace.stage_dir(c, "base"), vanilla, lines
 
 
-def _toy_data(n_text: int, n_image: int, seed: int = 0) -> ft.Tokenized:
+def _toy_data(n_text: int, n_image: int, seed: int = 0) -> batching.Tokenized:
     rng = np.random.default_rng(seed)
     n = n_text + n_image
     lengths = rng.integers(5, 30, size=n)
@@ -58,12 +59,12 @@ def _toy_data(n_text: int, n_image: int, seed: int = 0) -> ft.Tokenized:
     ids = np.where(mask, rng.integers(3, 50, size=(n, 32)), 0).astype(np.int32)
     image_index = np.r_[np.full(n_text, -1), np.arange(n_image)]
     pixels = rng.standard_normal((n_image, 3, 4, 4)).astype(np.float32)
-    return ft.Tokenized(ids, ids.copy(), mask, image_index, pixels)
+    return batching.Tokenized(ids, ids.copy(), mask, image_index, pixels)
 
 
 def test_batch_schedule_is_pure_and_keeps_pools_apart():
     data, other = _toy_data(37, 23), _toy_data(11, 0, seed=1)
-    make = lambda: ft.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=3, length_buckets=2)
+    make = lambda: batching.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=3, length_buckets=2)
     a, b = make(), make()
     shapes = {}
     for step in range(60):
@@ -83,31 +84,31 @@ def test_batch_schedule_is_pure_and_keeps_pools_apart():
         assert (source.attention_mask[rows].sum(1) <= x["input_ids"].shape[1]).all()
     assert all(len(s) == 1 for s in shapes.values())  # one fixed shape per pool
     assert len(a.shapes) <= 4  # at most length_buckets lengths per kind of row
-    assert a.padding_fraction() < ft.BatchSchedule([(data, 1.0), (other, 2.0)], 4, 60, 3).padding_fraction()
-    c = ft.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=4, length_buckets=2)
+    assert a.padding_fraction() < batching.BatchSchedule([(data, 1.0), (other, 2.0)], 4, 60, 3).padding_fraction()
+    c = batching.BatchSchedule([(data, 1.0), (other, 2.0)], batch_size=4, steps=60, seed=4, length_buckets=2)
     assert any(not np.array_equal(a(s)["input_ids"], c(s)["input_ids"]) for s in range(60) if a(s)["input_ids"].shape == c(s)["input_ids"].shape)
 
 
 def test_bucket_edges_minimise_padding():
-    assert ft.bucket_edges([10, 10, 30, 31], 1) == [32]
-    assert ft.bucket_edges([10, 10, 30, 31], 2) == [16, 32]
-    assert ft.bucket_edges([10, 10, 30, 31], 2, min_rows=3) == [32]  # a bucket must fill a batch
-    assert ft.bucket_edges([7, 8, 9], 5) == [8, 16]
+    assert batching.bucket_edges([10, 10, 30, 31], 1) == [32]
+    assert batching.bucket_edges([10, 10, 30, 31], 2) == [16, 32]
+    assert batching.bucket_edges([10, 10, 30, 31], 2, min_rows=3) == [32]  # a bucket must fill a batch
+    assert batching.bucket_edges([7, 8, 9], 5) == [8, 16]
 
 
 def test_stage_key_tracks_only_relevant_fields(tmp_path):
     c = toy_config(tmp_path)
-    base, vanilla = ft.stage_key(c, "base"), ft.stage_key(c, "vanilla")
+    base, vanilla = workspace.stage_key(c, "base"), workspace.stage_key(c, "vanilla")
     for irrelevant in ("eval.batch_size=7", "data.forget_ratio=10", f"work_dir={tmp_path / 'elsewhere'}"):
         d = toy_config(tmp_path, irrelevant)
-        assert (ft.stage_key(d, "base"), ft.stage_key(d, "vanilla")) == (base, vanilla), irrelevant
+        assert (workspace.stage_key(d, "base"), workspace.stage_key(d, "vanilla")) == (base, vanilla), irrelevant
     d = toy_config(tmp_path, "vanilla.steps=5")
-    assert ft.stage_key(d, "base") == base and ft.stage_key(d, "vanilla") != vanilla
+    assert workspace.stage_key(d, "base") == base and workspace.stage_key(d, "vanilla") != vanilla
     for relevant in ("base.steps=4", "model.hidden_size=16", "data.num_people=21", "seed=1", "base.mc_variants=2"):
         d = toy_config(tmp_path, relevant)
-        assert ft.stage_key(d, "base") != base and ft.stage_key(d, "vanilla") != vanilla, relevant
+        assert workspace.stage_key(d, "base") != base and workspace.stage_key(d, "vanilla") != vanilla, relevant
     with pytest.raises(ValueError, match="stage"):
-        ft.stage_key(c, "pretrain")
+        workspace.stage_key(c, "pretrain")
 
 
 def test_run_stage_caches(trained):
@@ -115,22 +116,22 @@ def test_run_stage_caches(trained):
     assert (base_dir / "config.json").exists() and (vanilla_dir / "config.json").exists()
     assert any("base" in line and "trained" in line for line in lines)
     again: list[str] = []
-    assert ft.run_stage(c, "vanilla", log=again.append) == vanilla_dir
+    assert stages.run_stage(c, "vanilla", log=again.append) == vanilla_dir
     assert again == [f"vanilla: reusing {vanilla_dir}"]
 
 
 def test_vanilla_data_deviation_is_opt_in(trained):
     c = trained[0]
-    root = ft.data_root(c)
+    root = workspace.data_root(c)
     bench = mllmu.load_benchmark(root, c.data.forget_ratio)
     processor = load_processor(trained[2])
-    rows = ft.vanilla_task_examples(c, root, bench, processor)
+    rows = recipes.vanilla_task_examples(c, root, bench, processor)
     assert len(rows) == 20 * 15 * 2  # every fictitious person: 15 items x (classification, cloze)
     texts = {r["prompt"] for r in rows}
     eval_questions = {it.question for p in bench.retain for it in (*p.visual_mc, *p.textual_mc)}
     assert not any(q in t for q in eval_questions for t in texts)  # training wording, not the evaluation's
     off = toy_config(Path(c.work_dir), "vanilla.task_variants=0")
-    assert ft.vanilla_task_examples(off, root, bench, processor) == []
+    assert recipes.vanilla_task_examples(off, root, bench, processor) == []
 
 
 def test_saved_model_loads_in_transformers(trained):
@@ -159,7 +160,7 @@ def test_a_mesh_section_trains_the_same_model(trained, tmp_path):
     with c.unlocked():
         c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     assert parallel.sharder_for(c) is not None and parallel.sharder_for(c0) is None
-    sharded_dir = ft.run_stage(c, "base", log=lambda m: None)
+    sharded_dir = stages.run_stage(c, "base", log=lambda m: None)
     _, ref, _ = load_pretrained(base_dir)
     _, got, _ = load_pretrained(sharded_dir)
     import jax
@@ -185,10 +186,10 @@ def test_vanilla_lora_from_a_checkpoint_changes_only_lm_linears_by_low_rank(trai
     with c.unlocked():
         c.vanilla.epochs = 0.01
     lines: list[str] = []
-    assert ft.run_stage(c, "base", log=lines.append) == base_dir and lines == [f"base: the pretrained checkpoint {base_dir}"]
-    out = ft.run_stage(c, "vanilla", log=lines.append)
+    assert stages.run_stage(c, "base", log=lines.append) == base_dir and lines == [f"base: the pretrained checkpoint {base_dir}"]
+    out = stages.run_stage(c, "vanilla", log=lines.append)
     meta = json.loads(out.with_name(out.name + ".json").read_text())
-    rows = 20 * 15 * 2 + len(mllmu.load_benchmark(ft.data_root(c), 5).full_train)  # task rows + ft_Data
+    rows = 20 * 15 * 2 + len(mllmu.load_benchmark(workspace.data_root(c), 5).full_train)  # task rows + ft_Data
     assert meta["lora_rank"] == 2 and meta["steps"] == -(-int(0.01 * rows) // 4)
     _, before, _ = load_pretrained(base_dir)
     _, after, _ = load_pretrained(out)
@@ -211,11 +212,11 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
     import json
 
     _, base_dir, _, _ = trained
-    overrides = [f"model.checkpoint={base_dir}", f"data.root={ft.data_root(trained[0])}", f"work_dir={tmp_path}",
+    overrides = [f"model.checkpoint={base_dir}", f"data.root={workspace.data_root(trained[0])}", f"work_dir={tmp_path}",
                  "model.dtype=float32", "model.attention=xla", "vanilla.epochs=0.03"]
     c = load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.save_every=2"])
-    assert c.model.remat == "full" and ft.model_runtime(c)["remat"] == "full"  # the loaded model remats
-    out = ft.run_stage(c, "vanilla", log=lambda *_: None)
+    assert c.model.remat == "full" and workspace.model_runtime(c)["remat"] == "full"  # the loaded model remats
+    out = stages.run_stage(c, "vanilla", log=lambda *_: None)
     meta = json.loads(out.with_name(out.name + ".json").read_text())
     assert meta["lora_rank"] == 16 and meta["steps"] >= 2 and meta["resumed_from"] is None
     assert load_processor(out).family == "llava"
@@ -225,7 +226,7 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
     from vleraser_jax.checkpoints import load_pretrained
 
     _, first, _ = load_pretrained(out)
-    assert ft.run_stage(c, "vanilla", force=True, log=lambda *_: None) == out
+    assert stages.run_stage(c, "vanilla", force=True, log=lambda *_: None) == out
     again = json.loads(out.with_name(out.name + ".json").read_text())
     assert again["resumed_from"] is None and again["final_loss"] == meta["final_loss"]
     _, second, _ = load_pretrained(out)
@@ -233,13 +234,13 @@ def test_the_7b_config_vanilla_section_trains_as_written(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # save_every only changes how the run executes: same stage key, so a restarted run finds its checkpoints
     other = load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.save_every=7"])
-    assert ft.stage_key(other, "vanilla") == ft.stage_key(c, "vanilla")
-    assert ft.stage_key(load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.epochs=0.04"]),
-                        "vanilla") != ft.stage_key(c, "vanilla")
+    assert workspace.stage_key(other, "vanilla") == workspace.stage_key(c, "vanilla")
+    assert workspace.stage_key(load_config(CONFIG.with_name("llava_1_5_7b.py"), [*overrides, "vanilla.epochs=0.04"]),
+                        "vanilla") != workspace.stage_key(c, "vanilla")
     with pytest.raises(ValueError, match="data.root must be set"):
-        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), [f"work_dir={tmp_path}"]), "vanilla")
+        stages.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), [f"work_dir={tmp_path}"]), "vanilla")
     with pytest.raises(ValueError, match="model.checkpoint must be set"):
-        ft.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), overrides[1:3]), "vanilla", log=lambda *_: None)
+        stages.run_stage(load_config(CONFIG.with_name("llava_1_5_7b.py"), overrides[1:3]), "vanilla", log=lambda *_: None)
 
 
 # ------------------------------------------------------------------ tiny_qwen2vl: the same stages on Qwen2-VL
@@ -253,8 +254,8 @@ QWEN_TOY = [*(o for o in TOY if not o.startswith("model.patch_size")), "model.pa
 def qwen_trained(tmp_path_factory):
     """tiny_qwen2vl at toy size with both stages trained once; (config, base dir, vanilla dir)."""
     c = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={tmp_path_factory.mktemp('qwen')}"])
-    vanilla = ft.run_stage(c, "vanilla", log=lambda *_: None)
-    return c, ft.stage_dir(c, "base"), vanilla
+    vanilla = stages.run_stage(c, "vanilla", log=lambda *_: None)
+    return c, workspace.stage_dir(c, "base"), vanilla
 
 
 def test_qwen2vl_stages_export_models_transformers_runs_identically(qwen_trained):
@@ -267,7 +268,7 @@ def test_qwen2vl_stages_export_models_transformers_runs_identically(qwen_trained
 
     c, base_dir, vanilla_dir = qwen_trained
     llava_family = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={c.work_dir}", "family=llava"])
-    assert ft.stage_key(c, "base") != ft.stage_key(llava_family, "base")  # the family alone changes the key
+    assert workspace.stage_key(c, "base") != workspace.stage_key(llava_family, "base")  # the family alone changes the key
     for path in (base_dir, vanilla_dir):
         processor = load_processor(path)
         assert processor.family == "qwen2_vl"
@@ -291,11 +292,11 @@ def test_qwen2vl_tokenized_images_rebuild_the_processor_batch(qwen_trained):
     processor gives for those rows: concatenated patches in row order and their grids."""
     c, _, vanilla_dir = qwen_trained
     processor = load_processor(vanilla_dir)
-    bench = mllmu.load_benchmark(ft.data_root(c), c.data.forget_ratio)
+    bench = mllmu.load_benchmark(workspace.data_root(c), c.data.forget_ratio)
     rows = [r for r in bench.full_train if r.image is not None][:6]
     rows = rows + rows[:2]  # repeated images are stored once
-    examples = [ft.qa_example(processor, r) for r in rows]
-    data = ft.tokenize(processor, examples, 128)
+    examples = [batching.qa_example(processor, r) for r in rows]
+    data = batching.tokenize(processor, examples, 128)
     assert data.pixels.shape[0] == len({r.image for r in rows}) and data.grids.shape == (data.pixels.shape[0], 3)
     pick = np.array([7, 0, 3])
     decoded = lambda data: Image.open(io.BytesIO(data)).convert("RGB")
@@ -315,7 +316,7 @@ def test_qwen2vl_tokenized_images_rebuild_the_processor_batch(qwen_trained):
         return buffer.getvalue()
 
     mixed = [{**examples[0], "image": encoded(16, 16)}, {**examples[1], "image": encoded(8, 16)}]
-    data = ft.tokenize(processor, mixed, 128)
+    data = batching.tokenize(processor, mixed, 128)
     assert isinstance(data.pixels, list) and [p.shape[0] for p in data.pixels] == [16, 8]
     ref = processor.collate_for_training([{**ex, "image": decoded(ex["image"])} for ex in mixed], max_length=128)
     got = data.image_inputs(np.array([0, 1]))

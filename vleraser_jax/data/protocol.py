@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from ..data.mllmu import (
+from .mllmu import (
     CLOZE_INSTRUCTION,
     GEN_INSTRUCTION_TEXTUAL,
     GEN_INSTRUCTION_VISUAL,

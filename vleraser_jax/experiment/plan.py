@@ -52,9 +52,9 @@ def ensure_devices(n: int, backend: str = "cpu") -> None:
 
 def build_model(c, dtype: str | None = None, attention: str | None = None, remat: str | None = None):
     """The config's model from `c.model.hf_config` (no weights)."""
-    from .models.configs import LlavaConfig, Qwen2VLConfig
-    from .models.llava import LlavaForConditionalGeneration
-    from .models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ..models.configs import LlavaConfig, Qwen2VLConfig
+    from ..models.llava import LlavaForConditionalGeneration
+    from ..models.qwen2_vl import Qwen2VLForConditionalGeneration
 
     hf = c.model.hf_config
     hf = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
@@ -138,30 +138,30 @@ def _analyse(name: str, shapes: str, lowered) -> ProgramPlan:
                        seconds)
 
 
-def stage1_program(c, model, sharder, batch: int | None = None, length: int | None = None):
-    """Lowered VL-Eraser stage-1 train step (LoRA on every block's down_proj behind its vacuum projector)."""
+def distill_program(c, model, sharder, batch: int | None = None, length: int | None = None):
+    """Lowered VL-Eraser distillation train step (LoRA on every block's down_proj behind its vacuum projector)."""
     import jax
     import jax.numpy as jnp
 
-    from .parallel import abstract_params
-    from .unlearn import lora as lora_lib
-    from .unlearn import trainer as tr
-    from .unlearn import vl_eraser as vle
+    from ..parallel import abstract_params
+    from ..unlearn import lora as lora_lib
+    from ..unlearn import trainer as tr
+    from ..unlearn import vl_eraser as vle
 
     v = c.vl_eraser
     p = c.plan
-    cfg = vle.VLEraserConfig(rank=v.rank, alpha=v.alpha, lambda_=v.lambda_, ce_mode=v.ce_mode)
+    cfg = vle.VLEraserConfig(rank=v.rank, lora_alpha=v.lora_alpha, lambda_=v.lambda_, ce_mode=v.ce_mode)
     b = batch or v.batch_size
     t = length or v.max_length
     params = abstract_params(model, sharder, dtype=p.get("frozen_dtype") or None)
-    lora = jax.eval_shape(lambda prm: lora_lib.init(prm, cfg.rank, cfg.alpha, jax.random.PRNGKey(0),
+    lora = jax.eval_shape(lambda prm: lora_lib.init(prm, cfg.rank, cfg.lora_alpha, jax.random.PRNGKey(0),
                                                      b_std=cfg.lora_b_std), params)
     trainable, scales = lora_lib.split_trainable(lora)
     text = model.config.text
     rank = p.retained_rank  # at most the number of retain images (mean pooling)
     vacuum = {"llm": {f"layers_{i}": {"mlp": {"down_proj": {"basis": _sds((text.intermediate_size, rank), jnp.float32)}}}
                       for i in range(text.num_hidden_layers)}}
-    frozen = {"params": params, "scales": scales, "vacuum": vacuum}
+    frozen = {"params": params, "lora_scales": scales, "vacuum": vacuum}
     frozen = _with_shardings(frozen, sharder.tree(frozen))
     tx = tr.make_optimizer(tr.TrainConfig(total_steps=1000, learning_rate=v.learning_rate))
     state = jax.eval_shape(lambda tr_: tr._fresh_state(tr_, tx, 0), trainable)
@@ -169,7 +169,7 @@ def stage1_program(c, model, sharder, batch: int | None = None, length: int | No
     batch_tree = {"input_ids": _sds((b, t), jnp.int32), "attention_mask": _sds((b, t), jnp.int32),
                   "labels": _sds((b, t), jnp.int32), **image_inputs(model, b, p.image_size)}
     batch_tree = _with_shardings(batch_tree, sharder.batch(batch_tree))
-    step = tr.make_train_step(vle.stage1_loss_fn(model, cfg), tx, sharder)
+    step = tr.make_train_step(vle.distillation_loss_fn(model, cfg), tx, sharder)
     shapes = f"batch {b} x {t} tokens ({image_tokens(model, p.image_size)} image), LoRA r{cfg.rank}, basis rank {rank}"
     return step.lower(state, frozen, batch_tree), shapes
 
@@ -179,8 +179,8 @@ def generate_program(c, model, sharder, batch: int | None = None, prompt: int | 
     """Lowered generation program (prefill + while_loop decode with a KV cache)."""
     import jax.numpy as jnp
 
-    from .generate import _sharded_generate
-    from .parallel import abstract_params
+    from ..generate import _sharded_generate
+    from ..parallel import abstract_params
 
     p = c.plan
     b, t, n = batch or p.generate_batch, prompt or p.prompt_length, new_tokens or p.max_new_tokens
@@ -196,10 +196,10 @@ def generate_program(c, model, sharder, batch: int | None = None, prompt: int | 
     return lowered, shapes
 
 
-def plan(c, mesh: str, programs=("stage1", "generate"), backend: str = "cpu") -> tuple[list[ProgramPlan], dict]:
-    from .parallel import Sharder, make_mesh, mesh_shape, parse_mesh, rules_from_config, DEFAULT_RULES
+def plan(c, mesh: str, programs=("distill", "generate"), backend: str = "cpu") -> tuple[list[ProgramPlan], dict]:
+    from ..parallel import Sharder, make_mesh, mesh_shape, parse_mesh, rules_from_config, DEFAULT_RULES
 
-    from .models.configs import ConfigError
+    from ..models.configs import ConfigError
 
     try:
         sizes = parse_mesh(mesh)
@@ -222,8 +222,8 @@ def plan(c, mesh: str, programs=("stage1", "generate"), backend: str = "cpu") ->
         attention = "xla"  # cuDNN flash attention exists only on NVIDIA GPUs
     model = build_model(c, attention=attention)
     out = []
-    if "stage1" in programs:
-        lowered, shapes = stage1_program(c, model, sharder)
+    if "distill" in programs:
+        lowered, shapes = distill_program(c, model, sharder)
         out.append(_analyse("VL-Eraser stage-1 step", shapes, lowered))
     if "generate" in programs:
         lowered, shapes = generate_program(c, model, sharder)
@@ -268,7 +268,7 @@ def format_plan(c, plans: list[ProgramPlan], info: dict, device_memory_gb: float
 
 def cmd_plan(args) -> int:
     """The `vleraser plan` subcommand."""
-    from .config import load_config
+    from ..config import load_config
 
     c = load_config(args.config, args.overrides)
     programs = tuple(args.program)
@@ -286,7 +286,7 @@ def add_parser(sub) -> Any:
     p.add_argument("--config", required=True, help="configs/*.py with model.hf_config and a plan section")
     p.add_argument("--mesh", required=True, help="DATAxFSDPxTENSOR (e.g. 1x1x1, 1x4x2) or data=1,fsdp=4,tensor=2")
     p.add_argument("--device-memory", type=float, default=None, help="GB per device, to say whether it fits")
-    p.add_argument("--program", nargs="+", default=["stage1", "generate"], choices=["stage1", "generate"])
+    p.add_argument("--program", nargs="+", default=["distill", "generate"], choices=["distill", "generate"])
     p.add_argument("--backend", choices=["cpu", "default"], default="cpu",
                    help="cpu: simulate the mesh with CPU devices (default); default: JAX's own devices")
     p.set_defaults(func=cmd_plan)

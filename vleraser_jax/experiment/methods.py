@@ -1,0 +1,115 @@
+"""The methods a config can run, by name: VL-Eraser's variants and the five baselines, their settings read from
+the config's `vl_eraser` / `baselines` sections, and one function that runs any of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from ..eval.evaluate import EvalConfig
+from ..parallel import sharder_for
+from ..unlearn import vl_eraser as vle
+from ..unlearn.baselines import BASELINES, BaselineConfig, baseline_config, reference_run_settings, unlearn_baseline
+from ..unlearn.trainer import RunSettings
+
+METHODS = {
+    # name in the report, VLEraserConfig changes relative to the config's vl_eraser section
+    "vl_eraser": ("VL-Eraser", {}),
+    "vl_eraser_no_vacuum": ("VL-Eraser w/o vacuum (P = I)", {"vacuum": False}),
+    "vl_eraser_no_distill": ("VL-Eraser w/o distill (λ = 0)", {"lambda_": 0.0}),
+    "vl_eraser_no_ce": ("VL-Eraser w/o CE (λ = 1)", {"lambda_": 1.0}),
+}
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunSettings))
+
+
+@dataclasses.dataclass
+class MethodRun:
+    """One method's result: the unlearned parameters, its info (timings, history, settings), and for VL-Eraser
+    the LoRA and vacuum projectors it deleted."""
+
+    title: str
+    params: Any
+    info: dict
+    lora: Any = None
+    vacuum: Any = None
+
+
+def all_methods() -> list[str]:
+    return sorted(METHODS) + sorted(BASELINES)
+
+
+def section(c, name: str) -> dict:
+    """A config section as a plain dict ({} when absent)."""
+    found = c.get(name) if hasattr(c, "get") else None
+    return dict(found) if found is not None else {}
+
+
+def run_method(c, method: str, model, params, processor, bench, *, log=print) -> MethodRun:
+    """One method by name (VL-Eraser variant or baseline) on `bench`'s forget set, with the config's settings."""
+    sharding = sharder_for(c)
+    if method in METHODS:
+        title, cfg, run = method_config(c, method)
+        unlearned, lora, projectors, info = vle.unlearn_vl_eraser(
+            model, params, processor, bench.forget_train, bench.retain_train, cfg, run, sharding=sharding, log=log)
+        return MethodRun(title, unlearned, info, lora, projectors)
+    title, settings, run = baseline_method_config(c, method)
+    unlearned, info = unlearn_baseline(model, params, processor, bench.forget_train, bench.retain_train, method,
+                                       settings, run, full_rows=bench.full_train, sharding=sharding, log=log)
+    return MethodRun(title, unlearned, info)
+
+
+def baseline_method_config(c, method: str) -> tuple[str, BaselineConfig, RunSettings]:
+    """(title, BaselineConfig, RunSettings) of a baseline: `c.baselines.<method>` holds its BaselineConfig fields
+    and RunSettings fields that override the shared `c.baselines.run` (absent: the 7B reference values)."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
+    baselines = section(c, "baselines")
+    own = dict(baselines.get(method, {}))
+    title, settings = baseline_config(method, {k: v for k, v in own.items() if k not in RUN_FIELDS})
+    run = reference_run_settings(method, **{**dict(baselines.get("run", {})),
+                                            **{k: v for k, v in own.items() if k in RUN_FIELDS}, "seed": c.seed})
+    return title, settings, run
+
+
+def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, RunSettings]:
+    """(title, VLEraserConfig, RunSettings) of a VL-Eraser variant from `c.vl_eraser`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    title, changes = METHODS[method]
+    fields = {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+    values = section(c, "vl_eraser")
+    cfg = vle.VLEraserConfig(**{k: (tuple(v) if k == "layers" and v is not None else v)
+                                for k, v in values.items() if k in fields})
+    run = RunSettings(**{k: v for k, v in values.items() if k in RUN_FIELDS and k != "seed"}, seed=c.seed)
+    return title, dataclasses.replace(cfg, **changes), run
+
+
+def eval_config(c) -> EvalConfig:
+    e = c.eval
+    optional = {k: e[k] for k in ("max_new_tokens",) if k in e}  # absent: the protocol's value
+    return EvalConfig(batch_size=e.batch_size, max_people=e.max_people or None, few_shot_people=e.few_shot_people,
+                      seed=c.seed, **optional)
+
+
+def with_method_settings(c, method: str, setting: dict):
+    """A copy of config `c` with `setting` applied where `run_method` reads it: a VL-Eraser variant's fields
+    go to `c.vl_eraser`, a baseline's (its own and RunSettings fields alike) to `c.baselines.<method>`."""
+    out = ml_collections.ConfigDict(c.to_dict() if hasattr(c, "to_dict") else dict(c))
+    if method in METHODS:
+        known = RUN_FIELDS | {f.name for f in dataclasses.fields(vle.VLEraserConfig)}
+        unknown = set(setting) - known
+        if unknown:
+            raise ValueError(f"{method}: unknown settings {sorted(unknown)} (VLEraserConfig/RunSettings fields)")
+        out.vl_eraser = {**section(out, "vl_eraser"), **setting}
+        return out
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; known: {all_methods()}")
+    unknown = set(setting) - {f.name for f in dataclasses.fields(BaselineConfig)} - RUN_FIELDS
+    if unknown:
+        raise ValueError(f"{method}: unknown settings {sorted(unknown)} (BaselineConfig/RunSettings fields)")
+    baselines = section(out, "baselines")
+    baselines[method] = {**dict(baselines.get(method, {})), **setting}
+    out.baselines = baselines
+    return out

@@ -1,0 +1,112 @@
+"""Where a config's stages live: the benchmark root (synthesized if missing), the tokenizer, and each stage's
+cache directory, keyed by a hash of everything that stage's weights depend on (and nothing else)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ..data import synthetic
+
+
+STAGES = ("base", "vanilla")
+CODE_VERSION = 2  # bump when training code changes what a cached model would contain
+# data fields that only choose what is evaluated, not what a stage trains on
+_EVAL_ONLY_DATA_FIELDS = ("forget_ratio",)
+# stage fields that change how a run executes, not the weights it ends with (a resumed run may change them)
+_EXECUTION_ONLY_STAGE_FIELDS = ("save_every",)
+
+
+# ------------------------------------------------------------------ config -> paths, model
+
+
+def _plain(config) -> dict:
+    return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_key(c, stage: str) -> str:
+    """A short hash of everything the stage's result depends on (and nothing else)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
+    sections = {name: {k: v for k, v in _plain(c.get(name) or {}).items() if k not in _EXECUTION_ONLY_STAGE_FIELDS}
+                for name in STAGES}
+    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": sections["base"]}
+    if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
+        parts["family"] = c.family
+    if stage == "vanilla":
+        parts["vanilla"] = sections["vanilla"]
+    return _hash(parts)
+
+
+def _synthetic_params(c) -> dict:
+    d = c.data
+    return {"seed": c.seed, "num_people": d.num_people, "num_celebrities": d.num_celebrities,
+            "image_size": d.image_size, "num_base_portraits": d.num_base_portraits,
+            "num_base_poses": d.num_base_poses}
+
+
+def data_root(c) -> Path:
+    """The benchmark root: `data.root`, or a synthetic one keyed by its generator parameters."""
+    if c.data.root:
+        return Path(c.data.root)
+    if c.data.source != "synthetic":
+        raise ValueError(f"data.root must be set (a local MLLMU-Bench copy) for data.source={c.data.source!r}")
+    key = _hash({**_synthetic_params(c), "version": synthetic.GENERATOR_VERSION, "vocab_size": c.data.vocab_size})
+    return Path(c.work_dir) / f"synthetic-{c.seed}-{key[:8]}"
+
+
+def stage_dir(c, stage: str) -> Path:
+    return Path(c.work_dir) / "models" / f"{c.name}-{stage}-{stage_key(c, stage)}"
+
+
+def prepare_data(c, log=print) -> tuple[Path, Path]:
+    """The benchmark root and the tokenizer directory, synthesizing them if missing."""
+    root = data_root(c)
+    if c.data.source != "synthetic":
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root {root} does not exist (data.source={c.data.source!r})")
+        return root, Path(c.model.checkpoint)
+    want = _synthetic_params(c)
+    if (root / synthetic.INFO_FILE).exists():
+        info = synthetic.read_info(root)
+        have = {k: info.get(k) for k in want}
+        if have != want or info.get("version") != synthetic.GENERATOR_VERSION:
+            raise ValueError(f"{root} holds a synthetic benchmark made with {have} (version {info.get('version')}), "
+                             f"not the config's {want} (version {synthetic.GENERATOR_VERSION})")
+    else:
+        log(f"writing the synthetic benchmark to {root}")
+        synthetic.synthesize(root, **want, overwrite=True)
+    family = c.get("family", "llava")
+    if family == "llava":
+        tok_dir = root / "tokenizer"
+        extra = {}
+    else:  # its image processor depends on the patch and merge sizes
+        tok_dir = root / f"tokenizer-{family}-p{c.model.patch_size}m{c.model.merge_size}"
+        extra = {"patch_size": c.model.patch_size, "merge_size": c.model.merge_size}
+    if not (tok_dir / "tokenizer.json").exists():
+        log(f"training the {family} tokenizer into {tok_dir}")
+        synthetic.train_synthetic_tokenizer(root, tok_dir, vocab_size=c.data.vocab_size, image_size=c.data.image_size,
+                                            family=family, **extra)
+    return root, tok_dir
+
+
+def processor_dir(config, tok_dir: Path, path: Path) -> Path:
+    """A directory `load_processor` accepts: the tokenizer files plus this model's config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, path / f.name)
+    (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
+    return path
+
+
+def model_runtime(c) -> dict:
+    """How a loaded checkpoint runs (compute dtype, attention backend, remat policy), from `c.model`."""
+    return {"dtype": c.model.dtype, "attention_impl": c.model.attention, "remat": c.model.get("remat")}
