@@ -19,12 +19,14 @@ def get_config():
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # or "mllmu" with c.data.root pointing at a local MLLMU-Bench copy
     c.data.root = ""  # empty: <work_dir>/synthetic-<seed>-<hash of the generator parameters>
-    c.data.num_people = 100  # forget_5 = 5 people; 200 needs twice the vanilla steps
+    c.data.num_people = 100
     c.data.num_celebrities = 20
     c.data.image_size = 32
     c.data.num_base_portraits = 300  # captioned strangers in Base_Set (vision alignment)
     c.data.num_base_poses = 2  # extra poses per celebrity in Base_Set
-    c.data.forget_ratio = 5
+    c.data.forget_ratio = 15  # the headline split: 15 forget people (forget_5 has 5, too few to test anything)
+    c.data.validation_people = 10  # retain people that play the forget set when settings are chosen
+    c.data.num_holdout = 20  # fictitious people no stage trains on (membership inference)
     c.data.vocab_size = 2048
 
     c.model = ml_collections.ConfigDict()
@@ -62,9 +64,34 @@ def get_config():
     # image-grounded facts are then never learned; a slow tower and a fast projector learn them.
     c.base.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
 
-    # Stage 2: vanilla = base fine-tuned on ft_Data (every fictitious person), as MLLMU-Bench does.
+    # Oracle = base fine-tuned on ft_Data without the forget and validation people (the model that never saw
+    # them: the target of every "how far did unlearning get" number).
+    c.oracle = ml_collections.ConfigDict()
+    c.oracle.enabled = True
+    c.oracle.steps = 3000
+    c.oracle.batch_size = 16
+    c.oracle.learning_rate = 5e-4
+    c.oracle.warmup_steps = 50
+    c.oracle.weight_decay = 0.01
+    c.oracle.max_length = 128
+    c.oracle.schedule = "cosine"
+    c.oracle.end_lr_factor = 0.0
+    c.oracle.loss = "token"
+    c.oracle.length_buckets = 2
+    c.oracle.base_replay = 0.15  # fraction of steps on base data, so the celebrities are not overwritten
+    # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see train/recipes.py: the fictitious people's facts
+    # also in task formats (training wording, fresh options); 0 = ft_Data alone.
+    c.oracle.task_variants = 1
+    c.oracle.task_kinds = ("classification", "cloze")
+    c.oracle.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
+    c.oracle.lora_alpha = 16
+    c.oracle.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
+
+    # Vanilla = the oracle fine-tuned on the excluded people (same formats), replaying the oracle's own data and
+    # base data, so vanilla and oracle differ only by the forget (and validation) people.
     c.vanilla = ml_collections.ConfigDict()
-    c.vanilla.steps = 4000
+    c.vanilla.from_oracle = True
+    c.vanilla.steps = 1200
     c.vanilla.batch_size = 16
     c.vanilla.learning_rate = 5e-4
     c.vanilla.warmup_steps = 50
@@ -74,12 +101,11 @@ def get_config():
     c.vanilla.end_lr_factor = 0.0
     c.vanilla.loss = "token"
     c.vanilla.length_buckets = 2
-    c.vanilla.base_replay = 0.15  # fraction of steps on base data, so the celebrities are not overwritten
-    # Deviation from MLLMU-Bench (ft_Data is QA pairs only), see train/recipes.py: the fictitious people's facts
-    # also in task formats (training wording, fresh options); 0 = ft_Data alone.
+    c.vanilla.retain_replay = 0.3  # fraction of (non-base) steps on the oracle's data
+    c.vanilla.base_replay = 0.15
     c.vanilla.task_variants = 1
     c.vanilla.task_kinds = ("classification", "cloze")
-    c.vanilla.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
+    c.vanilla.lora_rank = 0
     c.vanilla.lora_alpha = 16
     c.vanilla.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
 

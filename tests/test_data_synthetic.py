@@ -164,3 +164,26 @@ def test_tokenizer(synth, tmp_path):
     cfg = json.loads((out / "preprocessor_config.json").read_text())
     assert cfg["crop_size"] == {"height": 32, "width": 32}
     assert S.read_info(synth)["rows"]["Full_Set"] == 40
+
+
+def test_holdout_people_are_new_and_change_nothing_else(synth, tmp_path):
+    """Holdout_Set: fictitious people of the same generator, disjoint from every other config (IDs, names,
+    portraits), in no training config; every other file is byte-identical to a synthesis without them."""
+    from vleraser_jax.data.splits import HOLDOUT_SET, load_holdout
+
+    with_holdout = S.synthesize(tmp_path / "holdout", **{**SMALL, "num_holdout": 6})
+    a, b = _hashes(with_holdout), _hashes(synth)
+    assert {k for k in a if not k.startswith(HOLDOUT_SET)} - {S.INFO_FILE} == set(b) - {S.INFO_FILE}
+    assert all(a[k] == b[k] for k in b if k != S.INFO_FILE)
+    holdout = load_holdout(with_holdout)
+    assert load_holdout(synth) is None
+    assert len(holdout.people) == 6 and len(holdout.rows) == 6 * 15
+    ids = {p.person_id for p in holdout.people}
+    names = {p.name for p in holdout.people}
+    bench = M.load_benchmark(with_holdout, 5)
+    everyone = bench.forget + bench.retain + bench.real
+    assert not ids & {p.person_id for p in everyone} and not names & {p.name for p in everyone}
+    assert not {p.image for p in holdout.people} & {p.image for p in everyone}
+    trained = {r.person_id for r in bench.full_train} | {r.person_id for r in S.load_base_set(with_holdout)}
+    assert not ids & trained
+    assert {r.person_id for r in holdout.rows} == ids and all(r.question and r.answer for r in holdout.rows)

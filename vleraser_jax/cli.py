@@ -289,9 +289,9 @@ def _checkpoint_commands(sub) -> None:
 
 def _pipeline_commands(sub) -> None:
     """train, demo, unlearn, sweep: a config's stages and experiments."""
-    p = sub.add_parser("train", help="train (or reuse) the base / vanilla model of a config")
+    p = sub.add_parser("train", help="train (or reuse) the base, oracle or vanilla model of a config")
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
-    p.add_argument("--stage", required=True, choices=["base", "vanilla"])
+    p.add_argument("--stage", required=True, choices=["base", "oracle", "vanilla"])
     p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
     p.set_defaults(func=cmd_train)
 

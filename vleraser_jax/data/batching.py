@@ -65,8 +65,10 @@ class Tokenized:
         return {"pixel_values": patches, "image_grid_thw": self.grids[images]}
 
 
-def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 256) -> Tokenized:
-    """Pre-tokenise once (`collate_for_training` in chunks) and pad to `max_length`; images stored once each."""
+def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 256, append_eos: bool = True
+             ) -> Tokenized:
+    """Pre-tokenise once (`collate_for_training` in chunks) and pad to `max_length`; images stored once each.
+    append_eos=False labels the answer tokens alone (scoring an answer's likelihood, not training to stop)."""
     if not examples:
         raise ValueError("tokenize: no examples")
     ids = np.full((len(examples), max_length), processor.pad_token_id, np.int32)
@@ -84,7 +86,8 @@ def tokenize(processor, examples: Sequence[dict], max_length: int, chunk: int = 
                 decoded[image] = Image.open(io.BytesIO(image)).convert("RGB")
             pil.append(None if image is None else decoded[image])
         batch = processor.collate_for_training([{"prompt": ex["prompt"], "answer": ex["answer"], "image": im}
-                                                for ex, im in zip(part, pil)], max_length=max_length)
+                                                for ex, im in zip(part, pil)], max_length=max_length,
+                                               append_eos=append_eos)
         n = batch["input_ids"].shape[1]
         rows = slice(start, start + len(part))
         ids[rows, :n], labels[rows, :n], masks[rows, :n] = batch["input_ids"], batch["labels"], batch["attention_mask"]
@@ -243,20 +246,17 @@ def group_lengths(*datas) -> dict[bool, int]:
     return out
 
 
-def epoch_batches(data, batch_size: int, seed: int = 0, lengths: dict[bool, int] | None = None) -> list[dict]:
-    """Every row of a `Tokenized` exactly once, in seeded order, image and text rows apart; each
-    group cut to one length (`lengths[has_image]`, default `group_lengths(data)`) so it compiles once. A
-    short last batch is filled with copies of its first row whose labels are all ignored: they change no
-    NLL, so no gradient."""
+def indexed_batches(data, batch_size: int, rows_by_group: dict[bool, np.ndarray],
+                    lengths: dict[bool, int] | None = None) -> list[tuple[np.ndarray, dict]]:
+    """[(the batch's real rows, batch)]: the given rows of each group (image rows, then text rows), in that order,
+    cut into fixed-shape batches; each group cut to one length (`lengths[has_image]`, default `group_lengths(data)`)
+    so it compiles once. A short last batch is filled with copies of its first row whose labels are all ignored:
+    they change no NLL, so no gradient."""
     lengths = {**group_lengths(data), **(lengths or {})}
     out = []
-    rng = np.random.default_rng([seed, 11])
     for has_image in (True, False):
-        rows = np.flatnonzero((data.image_index >= 0) == has_image)
-        if not len(rows):
-            continue
-        rows = rng.permutation(rows)
-        length = lengths[has_image]
+        rows = rows_by_group.get(has_image, np.zeros(0, int))
+        length = lengths.get(has_image)
         for start in range(0, len(rows), batch_size):
             part = rows[start:start + batch_size]
             fill = batch_size - len(part)
@@ -267,5 +267,17 @@ def epoch_batches(data, batch_size: int, seed: int = 0, lengths: dict[bool, int]
                      "labels": labels}
             if has_image:
                 batch.update(data.image_inputs(idx))
-            out.append(batch)
+            out.append((part, batch))
     return out
+
+
+def rows_by_group(data) -> dict[bool, np.ndarray]:
+    """{has_image: the rows of that kind, in order}."""
+    return {has_image: np.flatnonzero((data.image_index >= 0) == has_image) for has_image in (True, False)}
+
+
+def epoch_batches(data, batch_size: int, seed: int = 0, lengths: dict[bool, int] | None = None) -> list[dict]:
+    """Every row of a `Tokenized` exactly once, in seeded order, in `indexed_batches`' fixed shapes."""
+    rng = np.random.default_rng([seed, 11])
+    groups = {has_image: rng.permutation(rows) for has_image, rows in rows_by_group(data).items() if len(rows)}
+    return [batch for _, batch in indexed_batches(data, batch_size, groups, lengths)]

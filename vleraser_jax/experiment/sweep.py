@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from ..data import mllmu
+from ..data.splits import validation_benchmark
 from ..eval.evaluate import evaluate
 from ..processing import load_processor
 from ..train.stages import run_stage
@@ -24,31 +25,6 @@ def mean_over_modes(results, set_name: str, metric: str) -> float:
     modes = results.get(set_name, {})
     values = [m[metric]["value"] for m in modes.values() if metric in m]
     return float(np.mean(values)) if values else float("nan")
-
-
-def validation_benchmark(bench: mllmu.Benchmark, num_people: int, seed: int = 0) -> mllmu.Benchmark:
-    """A pseudo-forget split for choosing hyperparameters without touching the reported forget people.
-
-    `num_people` retain people (seeded) play the forget set (their Test_Set images as its test set);
-    the other retain people stay the retain set; real is unchanged. The reported forget people are in
-    neither.
-    """
-    rng = np.random.default_rng([seed, 7])
-    retain = list(bench.retain)
-    if not 0 < num_people < len(retain):
-        raise ValueError(f"validation needs 0 < num_people < {len(retain)} retain people, got {num_people}")
-    chosen = {retain[i].person_id for i in rng.choice(len(retain), size=num_people, replace=False)}
-    val = tuple(p for p in retain if p.person_id in chosen)
-    by_id = {p.person_id: p for p in val}
-    test = mllmu.load_profiles(bench.root, mllmu.TEST_SET, ids=sorted(chosen), fallback=by_id, verify_images=False)
-    return dataclasses.replace(
-        bench,
-        forget=val,
-        test=tuple(sorted(test, key=lambda p: p.person_id)),
-        retain=tuple(p for p in retain if p.person_id not in chosen),
-        forget_train=tuple(r for r in bench.retain_train if r.person_id in chosen),
-        retain_train=tuple(r for r in bench.retain_train if r.person_id not in chosen),
-    )
 
 
 def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", metric: str = "cloze",

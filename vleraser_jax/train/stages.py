@@ -11,16 +11,16 @@ import jax
 
 from .. import parallel
 from ..checkpoints import architecture_for, load_pretrained, load_pretrained_sharded, save_pretrained
-from ..data import mllmu
-from ..data.batching import BatchSchedule, qa_example, tokenize
+from ..data.batching import BatchSchedule
 from ..io import write_text_atomic
 from ..processing import load_processor
 from ..unlearn import lora as lora_lib
 from ..unlearn import trainer as tr
 from ..unlearn.adapter import full_training_state, lm_loss_fn, lora_training_state
-from .recipes import base_examples, vanilla_task_examples
+from .recipes import training_sources
 from .tiny_models import init_from_scratch, model_config
-from .workspace import STAGES, model_runtime, prepare_data, processor_dir, stage_dir, stage_key
+from .workspace import (STAGES, model_runtime, oracle_enabled, prepare_data, processor_dir, stage_dir, stage_key,
+                        vanilla_from_oracle)
 
 
 def stage_steps(sc, rows: int) -> int:
@@ -33,8 +33,9 @@ def stage_steps(sc, rows: int) -> int:
 
 
 def _starting_model(c, stage: str, tok_dir: Path, out: Path, sharding, log):
-    """(model, params, config, processor directory) the stage starts from: a fresh init for base, the base
-    stage's export (read shard by shard onto the mesh when there is one) for vanilla."""
+    """(model, params, config, processor directory) the stage starts from: a fresh init for base; the oracle's
+    export for a vanilla that continues it; else the base stage's export (read shard by shard onto the mesh
+    when there is one)."""
     if stage == "base":
         from transformers import AutoTokenizer
 
@@ -43,30 +44,12 @@ def _starting_model(c, stage: str, tok_dir: Path, out: Path, sharding, log):
         model = architecture_for(config.model_type).model_cls(config)
         return model, init_from_scratch(model, c.seed), config, processor_dir(config, tok_dir, out.with_name(
             out.name + ".processor"))
-    base_dir = run_stage(c, "base", log=log)
+    base_dir = run_stage(c, "oracle" if stage == "vanilla" and vanilla_from_oracle(c) else "base", log=log)
     if sharding is not None:  # each process reads only its shards of the base model
         model, params, config = load_pretrained_sharded(base_dir, sharding, **model_runtime(c))
     else:
         model, params, config = load_pretrained(base_dir, **model_runtime(c))
     return model, params, config, base_dir
-
-
-def _training_sources(c, stage: str, root: Path, processor, sc) -> list:
-    """[(Tokenized, weight)]: what the stage trains on (see `recipes`), the vanilla stage's base replay weighted
-    so that a `base_replay` share of the steps draws from the base data."""
-    max_length = sc.max_length
-    if stage == "base":
-        return [(tokenize(processor, base_examples(c, root, sc, processor), max_length), 1.0)]
-    bench = mllmu.load_benchmark(root, c.data.forget_ratio)
-    ft_examples = [qa_example(processor, r) for r in bench.full_train] + vanilla_task_examples(c, root, bench, processor)
-    ft = tokenize(processor, ft_examples, max_length)
-    sources = [(ft, 1.0)]
-    replay = sc.get("base_replay", 0.0)
-    replay_examples = base_examples(c, root, c.base, processor) if replay > 0 else []
-    if replay_examples:
-        replay_data = tokenize(processor, replay_examples, max_length)
-        sources.append((replay_data, replay / (1 - replay) * len(ft) / len(replay_data)))
-    return sources
 
 
 def _train_config(c, stage: str, sc, steps: int, out: Path, force: bool) -> tr.TrainConfig:
@@ -113,6 +96,9 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "oracle" and not oracle_enabled(c):
+        raise ValueError("the oracle stage is off for this config (oracle.enabled=False): it costs a fine-tune; "
+                         "set --config.oracle.enabled=True to train it")
     if stage == "base" and c.model.get("checkpoint"):
         base = Path(c.model.checkpoint)
         if not (base / "config.json").is_file():
@@ -132,7 +118,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     processor = load_processor(proc_dir)
     sc = getattr(c, stage)
     t0 = time.perf_counter()
-    sources = _training_sources(c, stage, root, processor, sc)
+    sources = training_sources(c, stage, root, processor)
     steps = stage_steps(sc, sum(len(d) for d, _ in sources))
     schedule = BatchSchedule(sources, sc.batch_size, steps, c.seed, length_buckets=sc.get("length_buckets", 1))
     log(f"{stage}: {' + '.join(str(len(d)) for d, _ in sources)} rows tokenized in {time.perf_counter() - t0:.1f} s; "

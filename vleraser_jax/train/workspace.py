@@ -11,10 +11,11 @@ from pathlib import Path
 from ..data import synthetic
 
 
-STAGES = ("base", "vanilla")
-CODE_VERSION = 2  # bump when training code changes what a cached model would contain
-# data fields that only choose what is evaluated, not what a stage trains on
-_EVAL_ONLY_DATA_FIELDS = ("forget_ratio",)
+STAGES = ("base", "oracle", "vanilla")
+# bump a stage's number when training code changes what its cached model would contain
+CODE_VERSIONS = {"base": 2, "oracle": 3, "vanilla": 3}
+# data fields that do not change what the base stage trains on (who is forgotten, validated on or held out)
+_SPLIT_DATA_FIELDS = ("forget_ratio", "validation_people", "num_holdout")
 # stage fields that change how a run executes, not the weights it ends with (a resumed run may change them)
 _EXECUTION_ONLY_STAGE_FIELDS = ("save_every",)
 
@@ -30,18 +31,41 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _section(c, name: str) -> dict:
+    return {k: v for k, v in _plain(c.get(name) or {}).items() if k not in _EXECUTION_ONLY_STAGE_FIELDS}
+
+
+def oracle_enabled(c) -> bool:
+    return bool(c.get("oracle") and c.oracle.get("enabled", True))
+
+
+def vanilla_from_oracle(c) -> bool:
+    return bool(c.vanilla.get("from_oracle", False))
+
+
+def split_fields(c) -> dict:
+    """Who the oracle is retrained without: the forget split and the validation people."""
+    return {"forget_ratio": c.data.forget_ratio, "validation_people": c.data.get("validation_people", 0)}
+
+
 def stage_key(c, stage: str) -> str:
-    """A short hash of everything the stage's result depends on (and nothing else)."""
+    """A short hash of everything the stage's result depends on (and nothing else).
+
+    base: the data generator, model, base recipe. oracle: base's, plus its recipe and who it is retrained
+    without (the forget split and the validation people). vanilla: its recipe on top of base's, or on top of
+    the oracle's when it continues the oracle (`vanilla.from_oracle`).
+    """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    data = {k: v for k, v in _plain(c.data).items() if k not in _EVAL_ONLY_DATA_FIELDS}
-    sections = {name: {k: v for k, v in _plain(c.get(name) or {}).items() if k not in _EXECUTION_ONLY_STAGE_FIELDS}
-                for name in STAGES}
-    parts = {"code": CODE_VERSION, "seed": c.seed, "data": data, "model": _plain(c.model), "base": sections["base"]}
+    data = {k: v for k, v in _plain(c.data).items() if k not in _SPLIT_DATA_FIELDS}
+    parts = {"code": CODE_VERSIONS["base"], "seed": c.seed, "data": data, "model": _plain(c.model),
+             "base": _section(c, "base")}
     if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
         parts["family"] = c.family
+    if stage == "oracle" or (stage == "vanilla" and vanilla_from_oracle(c)):
+        parts.update(code_oracle=CODE_VERSIONS["oracle"], oracle=_section(c, "oracle"), split=split_fields(c))
     if stage == "vanilla":
-        parts["vanilla"] = sections["vanilla"]
+        parts.update(code_vanilla=CODE_VERSIONS["vanilla"], vanilla=_section(c, "vanilla"))
     return _hash(parts)
 
 
@@ -49,7 +73,7 @@ def _synthetic_params(c) -> dict:
     d = c.data
     return {"seed": c.seed, "num_people": d.num_people, "num_celebrities": d.num_celebrities,
             "image_size": d.image_size, "num_base_portraits": d.num_base_portraits,
-            "num_base_poses": d.num_base_poses}
+            "num_base_poses": d.num_base_poses, "num_holdout": d.get("num_holdout", 0)}
 
 
 def data_root(c) -> Path:

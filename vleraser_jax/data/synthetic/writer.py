@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import mllmu
+from ..splits import HOLDOUT_SET, holdout_features
 from ..mllmu import (FT_DATA, FULL_SET, RETAIN_SET, TEST_SET, TrainingRow, config_features, forget_config,
                      retain_config)
 from .people import (EVAL, FACT_KEYS, TEST, TRAIN, VISUAL_SUBJECT, Person, _names, _people, _stream, _subject,
@@ -23,7 +24,7 @@ BASE_SET = "Base_Set"
 INFO_FILE = "synthetic_info.json"
 BASE_KINDS = ("qa", "classification", "generation", "cloze", "caption", "attribute")
 SPLIT_RATIOS = (5, 10, 15)  # in the order data_split.py draws them
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: Holdout_Set (existing configs unchanged)
 
 
 def _image(b: bytes | None) -> dict[str, Any] | None:
@@ -53,11 +54,14 @@ def _write(out: Path, config: str, rows: list[dict[str, Any]], features) -> None
 
 
 def _configs() -> list[str]:
-    return [FULL_SET, FT_DATA, TEST_SET, RETAIN_SET, BASE_SET,
+    return [FULL_SET, FT_DATA, TEST_SET, RETAIN_SET, BASE_SET, HOLDOUT_SET,
             *(forget_config(r) for r in SPLIT_RATIOS), *(retain_config(r) for r in SPLIT_RATIOS)]
 
 
-def _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses):
+def _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses,
+                     num_holdout):
+    if num_holdout < 0:
+        raise ValueError(f"num_holdout={num_holdout} must be >= 0")
     if num_people < 20 or num_celebrities < 4:
         raise ValueError(f"num_people={num_people} (>= 20, so forget_5 is not empty) and "
                          f"num_celebrities={num_celebrities} (>= 4, for name distractors) are too small")
@@ -95,6 +99,20 @@ def _fictitious_rows(people: list[Person], seed: int, image_size: int, num_test_
                      "question": q, "answer": a, **_tasks(p, names, TEST, rng_test, deal_test)})
         bar.update()
     return full, ft, test
+
+
+def _holdout_rows(holdout: list[Person], names: list[str], seed: int, image_size: int) -> list[dict[str, Any]]:
+    """Holdout_Set rows: Full_Set's columns (the eval wording's task items) plus ft_Data's `metadata` (the
+    training wording's QA pairs, which no stage trains on)."""
+    rng = _stream(seed, "holdout")
+    deal = _LetterDealer(rng)
+    rows = []
+    for p in holdout:
+        q, a = _summary_qa(p)
+        rows.append({"image": _image(_png(render_portrait(p.look, image_size))), "ID": p.person_id,
+                     "Directory": f"data_holdout/{p.person_id}.png", "biography": p.biography(), "question": q,
+                     "answer": a, **_tasks(p, names, EVAL, rng, deal), "metadata": json.dumps(_training_pairs(p))})
+    return rows
 
 
 def _celebrity_rows(celebs: list[Person], seed: int, image_size: int):
@@ -136,34 +154,44 @@ def synthesize(
     num_test_images: int = 3,
     num_base_portraits: int = 300,
     num_base_poses: int = 2,
+    num_holdout: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic MLLMU-Bench (plus our Base_Set) under `out_dir`; returns its path.
+    """Write a synthetic MLLMU-Bench (plus our Base_Set and, with `num_holdout` > 0, Holdout_Set) under
+    `out_dir`; returns its path.
 
     `num_test_images` new images per person in Test_Set, `num_base_poses` extra poses per celebrity
-    in Base_Set, `num_base_portraits` captioned strangers. Existing parquet files of these configs
-    are only replaced with `overwrite=True`. Also writes `synthetic_info.json` (see `read_info`).
+    in Base_Set, `num_base_portraits` captioned strangers, `num_holdout` fictitious people no stage trains
+    on (drawn after everyone else, so every other config is the same with or without them). Existing
+    parquet files of these configs are only replaced with `overwrite=True`. Also writes
+    `synthetic_info.json` (see `read_info`).
     """
     from tqdm.auto import tqdm
 
-    _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses)
+    _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses,
+                     num_holdout)
     out = Path(out_dir)
     _clear(out, overwrite)
     width = max(3, len(str(num_people)))
     ids = [f"{i:0{width}d}" for i in range(1, num_people + 1)]
     celeb_ids = [f"C{i:03d}" for i in range(1, num_celebrities + 1)]
-    all_names = _names(_stream(seed, "names"), num_people + num_celebrities)
-    all_looks = _distinct_looks(_stream(seed, "looks"), num_people + num_celebrities)
+    known = num_people + num_celebrities
+    # holdout names and looks come last: the draws are sequential, so everyone else's stay the same
+    all_names = _names(_stream(seed, "names"), known + num_holdout)
+    all_looks = _distinct_looks(_stream(seed, "looks"), known + num_holdout)
     rng_facts = _stream(seed, "facts")
     people = _people(rng_facts, all_looks[:num_people], all_names[:num_people], ids)
-    celebs = _people(rng_facts, all_looks[num_people:], all_names[num_people:], celeb_ids)
+    celebs = _people(rng_facts, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
+    holdout = _people(_stream(seed, "holdout-facts"), all_looks[known:], all_names[known:],
+                      [f"H{i:03d}" for i in range(1, num_holdout + 1)])
 
     bar = tqdm(total=num_people + num_celebrities + num_base_portraits, desc="synthetic benchmark",
                unit="portrait", disable=not progress)
     full, ft, test = _fictitious_rows(people, seed, image_size, num_test_images, bar)
     real, celeb_images = _celebrity_rows(celebs, seed, image_size)
-    base = _base_set(celebs, celeb_images, all_looks, seed, image_size, num_base_portraits, num_base_poses, bar)
+    base = _base_set(celebs, celeb_images, all_looks[:known], seed, image_size, num_base_portraits, num_base_poses,
+                     bar)
     bar.close()
     splits = _splits(ids, seed)
 
@@ -177,6 +205,9 @@ def synthesize(
     for config, members in splits.items():
         rows = [{c: by_id[pid][c] for c in split_cols} for pid in members]
         _write(out, config, rows, config_features(config))
+    held = _holdout_rows(holdout, [p.name for p in people + holdout], seed, image_size) if holdout else []
+    if held:
+        _write(out, HOLDOUT_SET, held, holdout_features())
 
     info = {
         "generator": "vleraser_jax.data.synthetic",
@@ -188,8 +219,10 @@ def synthesize(
         "num_test_images": num_test_images,
         "num_base_portraits": num_base_portraits,
         "num_base_poses": num_base_poses,
+        "num_holdout": num_holdout,
         "rows": {FULL_SET: len(full), FT_DATA: len(ft), TEST_SET: len(test), RETAIN_SET: len(real),
-                 BASE_SET: len(base), **{c: len(m) for c, m in splits.items()}},
+                 BASE_SET: len(base), **({HOLDOUT_SET: len(held)} if held else {}),
+                 **{c: len(m) for c, m in splits.items()}},
         "training_pairs": {"ft_Data": sum(len(_training_pairs(p)) for p in people)},
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
