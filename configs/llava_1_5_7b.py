@@ -47,4 +47,6 @@ def get_config():
     }
 
     # 576 image tokens (336² image, patch 14) + the text; generation prompts: image + question and options.
-    return add_mllmu_7b_sections(c, max_length=1024, image_size=336, prompt_length=640)
+    c = add_mllmu_7b_sections(c, max_length=1024, image_size=336, prompt_length=640)
+    c.eval.few_shot_people = 2  # eval.py prepends two exemplar people's solved items for LLaVA
+    return c

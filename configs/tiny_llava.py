@@ -1,9 +1,9 @@
 """tiny_llava: the real LLaVA-1.5 architecture at toy width, trained from scratch on the synthetic benchmark.
 
-Use: `vleraser train --config configs/tiny_llava.py --stage base|vanilla`; override any field with
-`--config.base.steps=600` etc. The defaults are the best recipe measured so far (issue #5 notes): base +
-vanilla take about 14 minutes on 2 CPU cores; the vanilla model then knows the fictitious people for cloze
-and generation (forget/retain cloze 80-90%, ROUGE-L 0.77-0.97) but multiple choice is still at chance.
+Use: `vleraser train --config configs/tiny_llava.py --stage base|oracle|vanilla`; override any field with
+`--config.base.steps=600` etc. Stages: base (celebrities and the formats), oracle (base + every fictitious person
+but the forget and validation people), vanilla (the oracle + those people, with replay): vanilla and oracle
+differ only by the people unlearning is judged on. Measured numbers: README "Results".
 """
 
 import ml_collections
@@ -134,8 +134,11 @@ def get_config():
                              ("mmunlearner", 3e-4, 3.0)):
         c.baselines[name] = ml_collections.ConfigDict({"learning_rate": lr, "epochs": epochs})
 
+    # Differs from eval.py (the 7B configs keep its choices): zero-shot, and the letter is the answer's first
+    # alphanumeric character (eval.py: its first character), as DESIGN §5 asks for models trained from scratch.
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32
     c.eval.max_people = 0  # 0: everyone
     c.eval.few_shot_people = 0
+    c.eval.letter_rule = "first_alnum"
     return c

@@ -6,7 +6,7 @@ becomes 16 image tokens, as tiny_llava's 8 px CLIP patches do) feeding a Qwen2 d
 sizes (q/k/v biases, M-RoPE), with Qwen2-VL's chat template. Prompts are longer than LLaVA's (the
 template's system turn): at most 89 tokens in the training data vs LLaVA's 75, within the same max_length.
 
-Use: `vleraser train --config configs/tiny_qwen2vl.py --stage base|vanilla`, `vleraser demo --backbone tiny_qwen2vl`.
+Use: `vleraser train --config configs/tiny_qwen2vl.py --stage base|oracle|vanilla`, `vleraser demo --backbone tiny_qwen2vl`.
 """
 
 from pathlib import Path
@@ -27,6 +27,6 @@ def get_config():
     m.rope_theta = 10000.0
 
     # The merger is Qwen2-VL's projector: it gets the projector's fast rate (first matching rule wins).
-    for stage in (c.base, c.vanilla):
+    for stage in (c.base, c.oracle, c.vanilla):
         stage.lr_multipliers = (("^vision/merger/", 3.0), ("^vision/", 0.1))
     return c

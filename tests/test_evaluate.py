@@ -13,7 +13,8 @@ from PIL import Image
 from vleraser_jax.data.mllmu import Benchmark, MultipleChoice, OpenItem, Profile
 from vleraser_jax.eval import evaluate as ev
 from vleraser_jax.data.protocol import Prompter
-from vleraser_jax.eval.report import load_results, render_markdown, write_report
+from vleraser_jax.eval.report import load_items, load_results, write_report
+from vleraser_jax.eval.report_tables import render_markdown
 from vleraser_jax.generate import generate
 from vleraser_jax.checkpoints import load_pretrained
 from vleraser_jax.processing import load_processor
@@ -60,16 +61,23 @@ CFG = ev.EvalConfig(batch_size=4, max_new_tokens=6, bootstrap_resamples=200)
 def test_evaluate_structure_and_counts(setup):
     model, params, processor, bench = setup
     out = ev.evaluate(model, params, processor, bench, CFG)
-    # 8 people over the four sets, 7 prompts each: 1 visual + 2 textual MC, 1+1 cloze, 1+1 generation
-    assert out.num_prompts == 8 * 7
+    # 8 people over the four sets, 7 generation prompts each (1 visual + 2 textual MC, 1+1 cloze, 1+1 generation)
+    # and 3 option-likelihood prompts (the same MC items)
+    assert out.num_prompts == 8 * (7 + 3)
     assert out.results["retain"]["textual"]["classification"]["n"] == 6
+    assert out.results["retain"]["textual"]["classification"]["n_people"] == 3
     assert out.results["real"]["visual"]["rougeL"]["n"] == 1
     for set_res in out.results.values():
         for mode_res in set_res.values():
-            assert {"classification", "classification_loglik", "cloze", "rouge1", "rouge2", "rougeL"} <= set(mode_res)
-            for entry in mode_res.values():
-                assert 0.0 <= entry["ci_low"] <= entry["value"] <= entry["ci_high"] <= 1.0
-    assert len(out.predictions) == out.num_prompts
+            assert {"classification", "option_acc", "option_acc_norm", "truth_ratio", "cloze", "rouge1", "rouge2",
+                    "rougeL"} <= set(mode_res)
+            for metric, entry in mode_res.items():
+                assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+                assert metric == "truth_ratio" or entry["ci_high"] <= 1.0
+    assert len(out.predictions) == 8 * 7
+    # one record per item and metric, each naming its person
+    assert len([r for r in out.items if r["metric"] == "option_acc"]) == 8 * 3
+    assert {r["person"] for r in out.items if r["set"] == "retain"} == {"p2", "p3", "p4"}
 
 
 def test_batched_bucketed_answers_equal_one_prompt_at_a_time(setup):
@@ -87,24 +95,6 @@ def test_batched_bucketed_answers_equal_one_prompt_at_a_time(setup):
         assert answer == assistant_response(processor.decode(out.trimmed()[0]))
 
 
-def test_loglik_choice_equals_brute_force(setup):
-    model, params, processor, bench = setup
-    requests = [r for r in ev.build_requests(bench, Prompter("llava"), CFG) if r.task == "classification"][:5]
-    chosen = ev.loglik_choices(model, params, processor, requests, CFG)
-    for req, letter in zip(requests, chosen):
-        scores = {}
-        for option in "ABCD":
-            images = [ev._decode_image(b) for b in req.prompt.images] or None
-            full = processor([req.prompt.text + " " + option], images=images)
-            prompt = processor([req.prompt.text], images=images)
-            logits = np.asarray(model.apply({"params": params}, **full).logits[0], np.float64)
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-            ids = full["input_ids"][0]
-            start = prompt["input_ids"].shape[1]
-            scores[option] = sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
-        assert letter == max(scores, key=scores.get)
-
-
 def test_few_shot_excludes_exemplar_people(setup):
     model, params, processor, bench = setup
     cfg = dataclasses.replace(CFG, few_shot_people=1, sets=("retain",), tasks=("classification", "cloze"))
@@ -117,17 +107,56 @@ def test_few_shot_excludes_exemplar_people(setup):
 
 def test_report_accumulates_methods(setup, tmp_path):
     model, params, processor, bench = setup
-    out = ev.evaluate(model, params, processor, bench, dataclasses.replace(CFG, tasks=("classification",), loglik=False))
-    write_report(tmp_path, "vanilla", out.results, {"model": "tiny"})
+    out = ev.evaluate(model, params, processor, bench, dataclasses.replace(CFG, tasks=("cloze",)))
+    write_report(tmp_path, "vanilla", out.results, {"model": "tiny"}, items=out.items)
     files = write_report(tmp_path, "VL-Eraser", out.results)
     methods = load_results(tmp_path)
     assert list(methods) == ["vanilla", "VL-Eraser"]
     data = json.loads(files["results"].read_text())
     assert data["meta"] == {"model": "tiny"}
-    entry = data["methods"]["vanilla"]["forget"]["visual"]["classification"]
-    assert set(entry) == {"value", "ci_low", "ci_high", "n"}
+    entry = data["methods"]["vanilla"]["forget"]["visual"]["cloze"]
+    assert set(entry) == {"value", "ci_low", "ci_high", "n", "n_people"}
+    assert load_items(tmp_path, "vanilla") == out.items and load_items(tmp_path, "VL-Eraser") is None
     md = files["markdown"].read_text()
     assert "| Method | Forget: Class. acc %" in md and "| VL-Eraser |" in md
     assert md == render_markdown(methods, data["meta"])
-    for key in ("forget_vs_retain", "sets_visual", "sets_textual"):
+    for key in ("sets_visual_cloze", "sets_textual_cloze", "sets_visual_option", "sets_textual_option"):
         assert files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_option_likelihood_equals_a_hand_computation_from_torch_logits(setup, full_checkpoint):
+    """Each option's summed log-probability, computed from transformers' own logits on the same token ids, picks
+    the same option and gives the same truth ratio (the answer seam is the training collator's)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vleraser_jax.eval.likelihood import option_choice, score_answers
+
+    model, params, processor, bench = setup
+    reference = LlavaForConditionalGeneration.from_pretrained(full_checkpoint).eval()
+    requests = ev.option_requests(bench, Prompter("llava"), dataclasses.replace(CFG, sets=("forget",)))
+    assert {r.mode for r in requests} == {"visual", "textual"}
+    for req in requests:
+        image = req.prompt.images[0] if req.prompt.images else None
+        examples = [{"prompt": req.prompt.text, "answer": req.item.options[k], "image": image} for k in "ABCD"]
+        ours = score_answers(model, params, processor, examples, batch_size=4)
+        torch_scores = []
+        for ex in examples:
+            batch = processor.collate_for_training([{**ex, "image": ev._decode_image(image) if image else None}],
+                                                   append_eos=False)
+            inputs = {k: torch.tensor(v) for k, v in batch.items() if k != "labels"}
+            with torch.no_grad():
+                logits = reference(**inputs).logits[0].double()
+            logp = torch.log_softmax(logits, -1).numpy()
+            labels = batch["labels"][0]
+            answer = [t for t in range(1, len(labels)) if labels[t] != -100]
+            torch_scores.append(np.array([logp[t - 1, labels[t]] for t in answer]))
+        for a, b in zip(ours, torch_scores):
+            np.testing.assert_allclose(a.logprob, b, rtol=1e-4, atol=1e-4)
+        totals = [b.sum() for b in torch_scores]
+        choice = option_choice(ours, req.item.options, req.item.answer)
+        assert choice["option_acc"] == float("ABCD"[int(np.argmax(totals))] == req.item.answer)
+        per_token = [b.mean() for b in torch_scores]
+        correct = "ABCD".index(req.item.answer)
+        wrong = [p for k, p in enumerate(per_token) if k != correct]
+        assert choice["truth_ratio"] == pytest.approx(np.exp(np.mean(wrong) - per_token[correct]), rel=1e-3)

@@ -588,7 +588,7 @@ def run_tiny_pipeline(world: Path, out: Path, seed: int) -> None:
         RunSettings(steps=1, batch_size=4, warmup_steps=0, max_length=64, seed=seed), log=lambda *_: None)
     save_method_run(out / "run", MethodRun("VL-Eraser", unlearned, info, lora, projectors), model.config,
                     source_dir=world / "ckpt")
-    cfg = EvalConfig(sets=("forget", "retain"), modes=("visual",), tasks=("classification",), loglik=False,
+    cfg = EvalConfig(sets=("forget", "retain"), modes=("visual",), tasks=("classification",), option_likelihood=False,
                      max_people=1, batch_size=16, max_new_tokens=2, bootstrap_resamples=100, seed=seed)
     result = evaluate(model, unlearned, processor, bench, cfg)
     predictions = "".join(json.dumps(p) + "\n" for p in result.predictions).encode()

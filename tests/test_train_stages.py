@@ -24,8 +24,10 @@ TOY = [
     "model.vision_heads=2", "model.patch_size=8", "model.hidden_size=32", "model.intermediate_size=64",
     "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.max_position_embeddings=256",
     "base.steps=3", "base.batch_size=4", "base.warmup_steps=1", "base.length_buckets=1", "base.mc_variants=1",
+    "oracle.steps=2", "oracle.batch_size=4", "oracle.warmup_steps=1", "oracle.length_buckets=1",
+    "oracle.task_variants=1",
     "vanilla.steps=2", "vanilla.batch_size=4", "vanilla.warmup_steps=1", "vanilla.length_buckets=1",
-    "vanilla.task_variants=1",
+    "vanilla.task_variants=1", "data.validation_people=2", "data.num_holdout=3",
 ]
 
 
@@ -44,7 +46,7 @@ def toy_config(work_dir: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A toy config with both stages trained once; (config, base dir, vanilla dir, log lines)."""
+    """A toy config with the three stages trained once; (config, base dir, vanilla dir, log lines)."""
     c = toy_config(tmp_path_factory.mktemp("work"))
     lines: list[str] = []
     vanilla = stages.run_stage(c, "vanilla", log=lines.append)
@@ -98,12 +100,19 @@ def test_bucket_edges_minimise_padding():
 
 def test_stage_key_tracks_only_relevant_fields(tmp_path):
     c = toy_config(tmp_path)
-    base, vanilla = workspace.stage_key(c, "base"), workspace.stage_key(c, "vanilla")
-    for irrelevant in ("eval.batch_size=7", "data.forget_ratio=10", f"work_dir={tmp_path / 'elsewhere'}"):
-        d = toy_config(tmp_path, irrelevant)
-        assert (workspace.stage_key(d, "base"), workspace.stage_key(d, "vanilla")) == (base, vanilla), irrelevant
+    keys = lambda d: tuple(workspace.stage_key(d, s) for s in workspace.STAGES)
+    base, oracle, vanilla = keys(c)
+    for irrelevant in ("eval.batch_size=7", f"work_dir={tmp_path / 'elsewhere'}", "data.num_holdout=5"):
+        assert keys(toy_config(tmp_path, irrelevant)) == (base, oracle, vanilla), irrelevant
+    for split in ("data.forget_ratio=10", "data.validation_people=3"):  # who the oracle is retrained without
+        d = toy_config(tmp_path, split)
+        assert workspace.stage_key(d, "base") == base, split
+        assert workspace.stage_key(d, "oracle") != oracle and workspace.stage_key(d, "vanilla") != vanilla, split
     d = toy_config(tmp_path, "vanilla.steps=5")
-    assert workspace.stage_key(d, "base") == base and workspace.stage_key(d, "vanilla") != vanilla
+    assert keys(d)[:2] == (base, oracle) and workspace.stage_key(d, "vanilla") != vanilla
+    d = toy_config(tmp_path, "oracle.steps=5")  # the vanilla continues the oracle
+    assert workspace.stage_key(d, "base") == base and keys(d)[1:] != (oracle, vanilla)
+    assert workspace.stage_key(d, "vanilla") != vanilla
     for relevant in ("base.steps=4", "model.hidden_size=16", "data.num_people=21", "seed=1", "base.mc_variants=2"):
         d = toy_config(tmp_path, relevant)
         assert workspace.stage_key(d, "base") != base and workspace.stage_key(d, "vanilla") != vanilla, relevant
@@ -118,20 +127,45 @@ def test_run_stage_caches(trained):
     again: list[str] = []
     assert stages.run_stage(c, "vanilla", log=again.append) == vanilla_dir
     assert again == [f"vanilla: reusing {vanilla_dir}"]
+    assert any(line.startswith("oracle: trained") for line in lines)
 
 
-def test_vanilla_data_deviation_is_opt_in(trained):
+def _mentions(examples, names) -> set[str]:
+    return {n for n in names for ex in examples if n in ex["prompt"] or n in ex["answer"]}
+
+
+def test_each_stage_trains_on_the_right_people(trained):
+    """The oracle's rows never name a forget or validation person (not even as a distractor option), the vanilla
+    adds exactly those people, no stage ever sees a holdout person, and the task formats are opt-in."""
+    from vleraser_jax.data.splits import load_holdout, oracle_excluded_ids
+
     c = trained[0]
     root = workspace.data_root(c)
     bench = mllmu.load_benchmark(root, c.data.forget_ratio)
     processor = load_processor(trained[2])
-    rows = recipes.vanilla_task_examples(c, root, bench, processor)
-    assert len(rows) == 20 * 15 * 2  # every fictitious person: 15 items x (classification, cloze)
-    texts = {r["prompt"] for r in rows}
+    forget, validation = oracle_excluded_ids(root, c.data.forget_ratio, c.data.validation_people, c.seed)
+    assert len(forget) == 3 and len(validation) == 2
+    names = {p.person_id: p.name for p in (*bench.forget, *bench.retain)}
+    excluded = {names[i] for i in forget + validation}
+    holdout = {p.name for p in load_holdout(root).people}
+    assert len(holdout) == 3
+    stages_ = {s: recipes.stage_examples(c, s, root, processor) for s in workspace.STAGES}
+    everything = [ex for s in stages_.values() for examples, _ in s for ex in examples]
+    assert not _mentions(everything, holdout)  # holdout people: in no stage's rows
+    oracle_rows = [ex for examples, _ in stages_["oracle"] for ex in examples]
+    assert not _mentions(oracle_rows, excluded)
+    new_rows, replay = stages_["vanilla"][0][0], stages_["vanilla"][1][0]
+    assert _mentions(new_rows, set(names.values())) >= excluded
+    assert replay == stages_["oracle"][0][0]  # the vanilla replays exactly the oracle's data
+    shares = [share for _, share in stages_["vanilla"]]
+    assert sum(shares) == pytest.approx(1.0) and shares[-1] == pytest.approx(c.vanilla.base_replay)
     eval_questions = {it.question for p in bench.retain for it in (*p.visual_mc, *p.textual_mc)}
-    assert not any(q in t for q in eval_questions for t in texts)  # training wording, not the evaluation's
-    off = toy_config(Path(c.work_dir), "vanilla.task_variants=0")
-    assert recipes.vanilla_task_examples(off, root, bench, processor) == []
+    fictitious = stages_["oracle"][0][0]  # (Base_Set, replayed, asks celebrities in every wording)
+    assert not any(q in ex["prompt"] for q in eval_questions for ex in fictitious)  # training wording only
+    off = toy_config(Path(c.work_dir), "oracle.task_variants=0")
+    rows = recipes.stage_examples(off, "oracle", root, processor)[0][0]
+    kept = [r for r in bench.full_train if r.person_id not in set(forget + validation)]
+    assert len(rows) == len(kept) and len({r.person_id for r in kept}) == 20 - 5  # ft_Data alone
 
 
 def test_saved_model_loads_in_transformers(trained):
@@ -182,7 +216,7 @@ def test_vanilla_lora_from_a_checkpoint_changes_only_lm_linears_by_low_rank(trai
 
     _, base_dir, _, _ = trained
     c = toy_config(tmp_path, f"model.checkpoint={base_dir}", "vanilla.lora_rank=2", "vanilla.lora_alpha=4",
-                   "vanilla.steps=0", "vanilla.base_replay=0.0", "vanilla.learning_rate=0.01")
+                   "vanilla.steps=0", "vanilla.base_replay=0.0", "vanilla.learning_rate=0.01", "vanilla.from_oracle=False")
     with c.unlocked():
         c.vanilla.epochs = 0.01
     lines: list[str] = []
@@ -252,7 +286,7 @@ QWEN_TOY = [*(o for o in TOY if not o.startswith("model.patch_size")), "model.pa
 
 @pytest.fixture(scope="module")
 def qwen_trained(tmp_path_factory):
-    """tiny_qwen2vl at toy size with both stages trained once; (config, base dir, vanilla dir)."""
+    """tiny_qwen2vl at toy size with its stages trained once; (config, base dir, vanilla dir)."""
     c = load_config(QWEN_CONFIG, [*QWEN_TOY, f"work_dir={tmp_path_factory.mktemp('qwen')}"])
     vanilla = stages.run_stage(c, "vanilla", log=lambda *_: None)
     return c, workspace.stage_dir(c, "base"), vanilla

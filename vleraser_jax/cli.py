@@ -101,8 +101,9 @@ def cmd_eval(args) -> int:
 
     from .data.mllmu import load_benchmark
     from .eval.evaluate import EvalConfig, evaluate
-    from .eval.report import markdown_table, write_report
     from .checkpoints import load_pretrained
+    from .eval.report import write_report
+    from .eval.report_format import markdown_table
     from .processing import load_processor
 
     cfg = EvalConfig(
@@ -112,7 +113,7 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         letter_rule=args.letter_rule,
-        loglik=not args.no_loglik,
+        option_likelihood=not args.no_option_likelihood,
         max_people=args.max_people,
         seed=args.seed,
     )
@@ -127,7 +128,7 @@ def cmd_eval(args) -> int:
             "letter_rule": args.letter_rule}
     predictions = f"predictions_{method.replace('/', '_').replace(':', '_')}.jsonl"
     # published together with results.json, so a failure leaves neither half-written
-    files = write_report(args.out, method, result.results, meta,
+    files = write_report(args.out, method, result.results, meta, items=result.items,
                          extra_files={predictions: "".join(json.dumps(p) + "\n" for p in result.predictions).encode()})
     print(f"evaluated {result.num_prompts} prompts in {result.seconds:.1f} s")
     for mode in cfg.modes:
@@ -147,6 +148,7 @@ def cmd_data_synth(args) -> int:
         num_people=args.people,
         num_celebrities=args.celebrities,
         image_size=args.image_size,
+        num_holdout=args.holdout,
         overwrite=args.overwrite,
     )
     print(f"wrote the synthetic benchmark to {root}")
@@ -281,6 +283,7 @@ def _checkpoint_commands(sub) -> None:
     p.add_argument("--people", type=int, default=200)
     p.add_argument("--celebrities", type=int, default=40)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--holdout", type=int, default=20, help="fictitious people no stage trains on (Holdout_Set)")
     p.add_argument("--tokenizer", help="also train the tiny models' tokenizer into this directory")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")
@@ -344,7 +347,8 @@ def _eval_command(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--letter-rule", choices=["first_alnum", "first_char"], default="first_alnum")
-    p.add_argument("--no-loglik", action="store_true", help="skip the extra log-likelihood classification metric")
+    p.add_argument("--no-option-likelihood", action="store_true",
+                   help="skip option likelihood (acc, acc_norm, truth ratio; not the protocol's, reported apart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attention", choices=["reference", "xla", "cudnn"], default="xla")

@@ -78,6 +78,7 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.data.source = "mllmu"
     c.data.root = ""  # the local MLLMU-Bench copy (set it)
     c.data.forget_ratio = 5
+    c.data.validation_people = 10  # retain people that play the forget set when settings are chosen
 
     # MLLMU-Bench's vanilla fine-tune: LoRA r16 α16, lr 2e-5, batch 4, 5 epochs on ft_Data.
     c.vanilla = ml_collections.ConfigDict()
@@ -92,6 +93,12 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.vanilla.schedule = "linear"
     c.vanilla.warmup_steps = 0
     c.vanilla.save_every = 500  # orbax saves: an interrupted run resumes where it stopped
+    c.vanilla.from_oracle = False  # MLLMU-Bench's vanilla: the base fine-tuned on every person
+    # The oracle: MLLMU-Bench's recipe on ft_Data without the forget (and validation) people. Off by default:
+    # it costs a second 7B fine-tune; --config.oracle.enabled=True trains it and adds the Oracle to the report.
+    c.oracle = ml_collections.ConfigDict(c.vanilla.to_dict())
+    del c.oracle.from_oracle
+    c.oracle.enabled = False
 
     # VL-Eraser distillation (VLEraserConfig + RunSettings fields, read by experiment.methods.method_config).
     c.vl_eraser = ml_collections.ConfigDict()
@@ -105,10 +112,14 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.vl_eraser.warmup_steps = 0
     c.vl_eraser.max_length = max_length
 
+    # eval.py's own choices, so the numbers stand beside the paper's Table 1: its first-character letter rule;
+    # few-shot exemplar people per model (LLaVA 2, set in its config; chat models are evaluated zero-shot).
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16
     c.eval.max_people = 0
     c.eval.few_shot_people = 0
+    c.eval.letter_rule = "first_char"
+    c.eval.likelihood_max_length = max_length
 
     # One mesh over every device: -1 fills. Override e.g. --config.mesh.fsdp=4 --config.mesh.tensor=2.
     c.mesh = ml_collections.ConfigDict()

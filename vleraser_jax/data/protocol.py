@@ -26,6 +26,12 @@ from .mllmu import (
 CLASSIFICATION_INSTRUCTION = MC_INSTRUCTION
 GENERATION_INSTRUCTION = {"visual": GEN_INSTRUCTION_VISUAL, "textual": GEN_INSTRUCTION_TEXTUAL}
 MAX_NEW_TOKENS = 50  # eval.py generates at most 50 tokens for every task
+# Ours, not eval.py's: the instruction under a multiple-choice *question* (its options not shown) when each
+# option's text is scored as the answer (option likelihood). It is the cloze instruction without its "[Blank]":
+# it asks for the bare answer, so the option text is the natural continuation; asked with the question alone
+# (QA framing), the tiny models, trained on full-sentence answers that start with the subject, score options at
+# chance in Visual-QA (measured: README, evaluation).
+OPTION_INSTRUCTION = "Please **ONLY** provide the correct answer."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +139,12 @@ class Prompter:
         if self.family == "llava":
             return llava_cloze(item, image, exemplars)
         return self._chat(cloze_question(item.question), item.mode, image, exemplars)
+
+    def option(self, item: MultipleChoice, mode: str, image=None) -> Prompt:
+        """The prompt whose continuation each option text is scored as (`OPTION_INSTRUCTION`), zero-shot, in the
+        cloze task's turn format."""
+        text = self.turn("cloze", mode, f"{item.question}\n{OPTION_INSTRUCTION}")
+        return Prompt(text, (image,) if mode == "visual" else ())
 
     def generation(self, item: OpenItem, image=None) -> Prompt:
         if self.family == "llava":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def holdout_features():
 
 
 def has_holdout(root: str | os.PathLike) -> bool:
-    return HOLDOUT_SET in mllmu.list_configs(root)
+    return Path(root).is_dir() and HOLDOUT_SET in mllmu.list_configs(root)
 
 
 def load_holdout(root: str | os.PathLike, *, verify_images: bool = True,

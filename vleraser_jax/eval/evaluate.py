@@ -1,10 +1,14 @@
-"""The MLLMU-Bench evaluator: every set × mode × task, batched jitted generation, bootstrap CIs.
+"""The MLLMU-Bench evaluator: every set × mode × task, batched jitted generation, person-level CIs.
 
 Sets: forget, test (forget people in new images), retain, real. Modes: "visual" (Visual-QA: the image and
 a question about "the person in the image") and "textual" (Textual-QA: the name in the text, no image).
 Tasks (the protocol's): classification accuracy (greedy answer's letter), cloze accuracy (ground truth is
-a substring), generation ROUGE-1/2/L. Extra, clearly named and never replacing the protocol's:
-`classification_loglik`, the option letter with the highest log-likelihood after the prompt.
+a substring), generation ROUGE-1/2/L. Beyond the protocol, clearly named and never replacing it: option
+likelihood on the same multiple-choice items (`option_acc`, `option_acc_norm`: lm-evaluation-harness's acc /
+acc_norm, each option's text scored as the answer) and TOFU's per-item `truth_ratio`.
+
+Every item's score is kept (`EvalResult.items`: set, mode, metric, person, item, value), so comparisons can be
+paired on the same items; each summary number is the item mean with a cluster-bootstrap interval over people.
 
 Batches are padded to fixed shapes (batch size; prompt length rounded up to `length_bucket`) so a whole
 evaluation compiles a handful of programs, not one per batch.
@@ -19,17 +23,16 @@ import time
 from collections import defaultdict
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.mllmu import EVAL_SETS, MODES, Benchmark, MultipleChoice, OpenItem, Profile
-from ..generate import generate_batch
-from ..processing import image_inputs_of
-from . import metrics
 from ..data.protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
+from ..generate import generate_batch
+from . import metrics
+from .likelihood import option_choice, option_examples, score_answers
+from .statistics import cluster_bootstrap_ci
 
 TASKS = ("classification", "cloze", "generation")
 
@@ -44,7 +47,8 @@ class EvalConfig:
     batch_size: int = 16
     length_bucket: int = 32
     letter_rule: str = "first_alnum"
-    loglik: bool = True
+    option_likelihood: bool = True  # option_acc / option_acc_norm / truth_ratio on the multiple-choice items
+    likelihood_max_length: int = 256  # prompt + option tokens (image tokens included) for option likelihood
     max_people: int | None = None  # per set, a seeded subsample (None = everyone)
     bootstrap_resamples: int = 1000
     seed: int = 0
@@ -66,14 +70,16 @@ class Request:
     person_id: str
     item: MultipleChoice | OpenItem
     prompt: Prompt
+    index: int = 0  # the item's position among this person's items of this task and mode
 
 
 @dataclasses.dataclass
 class EvalResult:
-    results: dict  # set -> mode -> metric -> {"value", "ci_low", "ci_high", "n"}
+    results: dict  # set -> mode -> metric -> {"value", "ci_low", "ci_high", "n", "n_people"}
     predictions: list[dict]
     seconds: float
     num_prompts: int
+    items: list[dict] = dataclasses.field(default_factory=list)  # {"set","mode","metric","person","item","value"}
 
 
 def _image_for(profile: Profile, mode: str) -> bytes | None:
@@ -89,11 +95,15 @@ def _subsample(people: Sequence[Profile], limit: int | None, seed: int, name: st
     return [people[i] for i in keep]
 
 
+def evaluated_people(benchmark: Benchmark, cfg: EvalConfig) -> dict[str, list[Profile]]:
+    """The people of each evaluated set (a seeded subsample with `max_people`)."""
+    return {s: _subsample(benchmark.eval_set(s), cfg.max_people, cfg.seed, s) for s in cfg.sets}
+
+
 def build_requests(benchmark: Benchmark, prompter: Prompter, cfg: EvalConfig) -> list[Request]:
     """Every prompt of the evaluation, in a deterministic order."""
     requests: list[Request] = []
-    for set_name in cfg.sets:
-        people = _subsample(benchmark.eval_set(set_name), cfg.max_people, cfg.seed, set_name)
+    for set_name, people in evaluated_people(benchmark, cfg).items():
         shots: list[Profile] = []
         if cfg.few_shot_people:
             rng = np.random.default_rng([cfg.seed, 1000 + EVAL_SETS.index(set_name)])
@@ -108,19 +118,17 @@ def build_requests(benchmark: Benchmark, prompter: Prompter, cfg: EvalConfig) ->
                 image = _image_for(person, mode)
                 # eval.py skips the exemplars' own items; generation has no exemplars.
                 if "classification" in cfg.tasks and person.person_id not in shot_ids:
-                    for it in mc_of(person):
+                    for j, it in enumerate(mc_of(person)):
                         requests.append(Request(set_name, mode, "classification", person.person_id, it,
-                                                prompter.classification(it, mode, image, mc_shots)))
+                                                prompter.classification(it, mode, image, mc_shots), j))
                 if "cloze" in cfg.tasks and person.person_id not in shot_ids:
-                    for it in person.cloze:
-                        if it.mode == mode:
-                            requests.append(Request(set_name, mode, "cloze", person.person_id, it,
-                                                    prompter.cloze(it, image, cloze_shots)))
+                    for j, it in enumerate(i for i in person.cloze if i.mode == mode):
+                        requests.append(Request(set_name, mode, "cloze", person.person_id, it,
+                                                prompter.cloze(it, image, cloze_shots), j))
                 if "generation" in cfg.tasks:
-                    for it in person.generation:
-                        if it.mode == mode:
-                            requests.append(Request(set_name, mode, "generation", person.person_id, it,
-                                                    prompter.generation(it, image)))
+                    for j, it in enumerate(i for i in person.generation if i.mode == mode):
+                        requests.append(Request(set_name, mode, "generation", person.person_id, it,
+                                                prompter.generation(it, image), j))
     return requests
 
 
@@ -157,85 +165,87 @@ def generate_answers(model, params, processor, requests: Sequence[Request], cfg:
     return answers
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _token_logprobs(model, params, input_ids, attention_mask, images):
-    """log p(token t+1 | tokens ≤ t) for every position: [B, T-1] (f32). images: the batch's image inputs."""
-    logits = model.apply({"params": params}, input_ids=input_ids, attention_mask=attention_mask, **images).logits
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+def option_requests(benchmark: Benchmark, prompter: Prompter, cfg: EvalConfig) -> list[Request]:
+    """Every multiple-choice item of the evaluated people, prompted for option likelihood (zero-shot)."""
+    out = []
+    for set_name, people in evaluated_people(benchmark, cfg).items():
+        for mode in cfg.modes:
+            for person in people:
+                items = person.visual_mc if mode == "visual" else person.textual_mc
+                for j, it in enumerate(items):
+                    out.append(Request(set_name, mode, "option", person.person_id, it,
+                                       prompter.option(it, mode, _image_for(person, mode)), j))
+    return out
 
 
-def loglik_choices(model, params, processor, requests: Sequence[Request], cfg: EvalConfig) -> list[str]:
-    """For each classification request, the letter whose answer " L" is most likely after the prompt."""
-    letters = ("A", "B", "C", "D")
-    expanded = [(i, letter) for i, r in enumerate(requests) for letter in letters if letter in r.item.options]
-    reqs = [requests[i] for i, _ in expanded]
-    texts = [requests[i].prompt.text + " " + letter for i, letter in expanded]
-    tok = processor.tokenizer
-    prompt_len = {i: len(tok(requests[i].prompt.text)["input_ids"]) for i in {i for i, _ in expanded}}
-    scores = np.full(len(expanded), -np.inf)
-    for idx, batch in tqdm(_padded_batches(reqs, texts, processor, cfg), total=-(-len(reqs) // cfg.batch_size),
-                           desc="log-likelihood choices", unit="batch", leave=False):
-        images = image_inputs_of(batch)
-        lp = np.asarray(_token_logprobs(model, params, batch["input_ids"], batch["attention_mask"], images))
-        for row, k in enumerate(idx):
-            i, _ = expanded[k]
-            # image tokens expand the prompt identically with or without the answer, so count text tokens
-            n_answer = len(tok(texts[k])["input_ids"]) - prompt_len[i]
-            scores[k] = lp[row, lp.shape[1] - n_answer :].sum()
-    best: dict[int, tuple[float, str]] = {}
-    for (i, letter), s in zip(expanded, scores):
-        if i not in best or s > best[i][0]:
-            best[i] = (s, letter)
-    return [best[i][1] for i in range(len(requests))]
+def option_likelihood(model, params, processor, requests: Sequence[Request], cfg: EvalConfig) -> list[dict]:
+    """`likelihood.option_choice` of every option request, in order."""
+    examples = [ex for r in requests
+                for ex in option_examples(r.prompt.text, r.prompt.images[0] if r.prompt.images else None,
+                                          r.item.options)]
+    scores = score_answers(model, params, processor, examples, batch_size=cfg.batch_size,
+                           max_length=cfg.likelihood_max_length, desc=f"option likelihood ({len(examples)} options)")
+    out, k = [], 0
+    for r in requests:
+        n = len(r.item.options)
+        out.append(option_choice(scores[k:k + n], r.item.options, r.item.answer))
+        k += n
+    return out
 
 
-def score(requests: Sequence[Request], answers: Sequence[str], cfg: EvalConfig, loglik: Sequence[str | None] | None = None):
-    """Per-request scores -> (results with bootstrap CIs, per-item prediction records)."""
-    per_metric: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    predictions = []
-    for k, (req, answer) in enumerate(zip(requests, answers)):
+def _item(req: Request, metric: str, value: float) -> dict:
+    return {"set": req.set, "mode": req.mode, "metric": metric, "person": req.person_id,
+            "item": f"{req.task}{req.index}", "value": float(value)}
+
+
+def score(requests: Sequence[Request], answers: Sequence[str], cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
+    """Per-request scores -> (per-item metric records, per-item prediction records)."""
+    items, predictions = [], []
+    for req, answer in zip(requests, answers):
         record: dict[str, Any] = {"set": req.set, "mode": req.mode, "task": req.task, "id": req.person_id,
                                   "question": req.item.question, "answer": answer}
         if req.task == "classification":
             ok = metrics.classification_correct(answer, req.item.options, req.item.answer, cfg.letter_rule)
-            per_metric[(req.set, req.mode, "classification")].append(float(ok))
+            items.append(_item(req, "classification", ok))
             record.update(target=req.item.answer, correct=ok)
-            if loglik is not None and loglik[k] is not None:
-                per_metric[(req.set, req.mode, "classification_loglik")].append(float(loglik[k] == req.item.answer))
-                record["loglik_choice"] = loglik[k]
         elif req.task == "cloze":
             ok = metrics.cloze_correct(answer, req.item.ground_truth)
-            per_metric[(req.set, req.mode, "cloze")].append(float(ok))
+            items.append(_item(req, "cloze", ok))
             record.update(target=req.item.ground_truth, correct=ok)
         else:
             r = metrics.rouge(answer, req.item.ground_truth)
-            for name, value in r.items():
-                per_metric[(req.set, req.mode, name)].append(value)
+            items.extend(_item(req, name, value) for name, value in r.items())
             record.update(target=req.item.ground_truth, **r)
         predictions.append(record)
+    return items, predictions
+
+
+def summarize(items: Sequence[dict], cfg: EvalConfig) -> dict:
+    """set -> mode -> metric -> the item mean with its cluster-bootstrap CI over people (n items, n people)."""
+    groups: dict[tuple[str, str, str], tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in items:
+        values, people = groups[(r["set"], r["mode"], r["metric"])]
+        values.append(r["value"])
+        people.append(r["person"])
     results: dict = {}
-    for (set_name, mode, metric), values in sorted(per_metric.items()):
-        results.setdefault(set_name, {}).setdefault(mode, {})[metric] = metrics.bootstrap_ci(
-            values, resamples=cfg.bootstrap_resamples, seed=cfg.seed
-        )
-    return results, predictions
+    for (set_name, mode, metric), (values, people) in sorted(groups.items()):
+        results.setdefault(set_name, {}).setdefault(mode, {})[metric] = cluster_bootstrap_ci(
+            values, people, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    return results
 
 
-def evaluate(model, params, processor, benchmark: Benchmark, cfg: EvalConfig = EvalConfig(), prompter: Prompter | None = None) -> EvalResult:
+def evaluate(model, params, processor, benchmark: Benchmark, cfg: EvalConfig = EvalConfig(),
+             prompter: Prompter | None = None) -> EvalResult:
     """Run the whole protocol on one model; see the module docstring."""
     start = time.perf_counter()
     prompter = prompter or Prompter.for_processor(processor)
     requests = build_requests(benchmark, prompter, cfg)
-    if not requests:
+    options = option_requests(benchmark, prompter, cfg) if cfg.option_likelihood else []
+    if not requests and not options:
         raise ValueError("the evaluation selects no items: check the sets/modes/tasks and the benchmark")
     answers = generate_answers(model, params, processor, requests, cfg, desc=f"answering {len(requests)} prompts")
-    loglik = None
-    if cfg.loglik:
-        mc = [i for i, r in enumerate(requests) if r.task == "classification"]
-        loglik = [None] * len(requests)
-        if mc:
-            for i, letter in zip(mc, loglik_choices(model, params, processor, [requests[i] for i in mc], cfg)):
-                loglik[i] = letter
-    results, predictions = score(requests, answers, cfg, loglik)
-    return EvalResult(results, predictions, time.perf_counter() - start, len(requests))
+    items, predictions = score(requests, answers, cfg)
+    for req, choice in zip(options, option_likelihood(model, params, processor, options, cfg)):
+        items.extend(_item(req, metric, value) for metric, value in choice.items())
+    return EvalResult(summarize(items, cfg), predictions, time.perf_counter() - start, len(requests) + len(options),
+                      items)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +70,44 @@ def score_answers(model, params, processor, examples: Sequence[dict], *, batch_s
             answer = batch["labels"][k] != IGNORE_INDEX
             out[row] = AnswerScores(picked[k][answer], mean[k][answer], var[k][answer])
     return out
+
+
+# ------------------------------------------------------------------ multiple choice by option likelihood
+
+
+def option_examples(prompt: str, image: bytes | None, options: Mapping[str, str]) -> list[dict]:
+    """One scoring example per option letter (in letter order): the option's text as the answer to `prompt`."""
+    return [{"prompt": prompt, "answer": text, "image": image} for _, text in sorted(options.items())]
+
+
+def option_choice(scores: Sequence[AnswerScores], options: Mapping[str, str], answer: str) -> dict:
+    """lm-evaluation-harness's multiple-choice scores from each option's `AnswerScores` (letter order):
+    acc (the highest summed log-likelihood is the correct option), acc_norm (the same per character of the
+    option text), and TOFU's truth ratio adapted to four options: the geometric-mean per-token probability of
+    the distractors, averaged in log space, over the correct option's."""
+    letters = sorted(options)
+    total = np.array([s.total for s in scores])
+    per_char = total / np.array([max(len(options[k]), 1) for k in letters])
+    per_token = np.array([s.mean for s in scores])
+    correct = letters.index(answer)
+    wrong = np.delete(per_token, correct)
+    return {"option_acc": float(int(np.argmax(total)) == correct),
+            "option_acc_norm": float(int(np.argmax(per_char)) == correct),
+            "truth_ratio": float(np.exp(wrong.mean() - per_token[correct]))}
+
+
+# ------------------------------------------------------------------ membership inference
+
+
+def membership_scores(scores: Sequence[AnswerScores], k: float = 0.4) -> dict[str, np.ndarray]:
+    """Per example, how member-like its answer looks (higher: more likely trained on):
+    "loss": −(mean answer-token NLL) (the LOSS attack); "mink_pp": Min-K%++, the mean of the lowest k-fraction
+    of z_t = (log p(x_t) − μ_t) / σ_t, μ_t and σ_t² the mean and variance of log p under the model's own
+    next-token distribution (Zhang et al. 2024; open-unlearning's k = 0.4)."""
+    loss, mink = [], []
+    for s in scores:
+        loss.append(s.mean)
+        z = (s.logprob - s.vocab_mean) / np.sqrt(np.maximum(s.vocab_var, 1e-6))
+        lowest = np.sort(z)[: max(1, int(len(z) * k))]
+        mink.append(float(lowest.mean()) if len(z) else float("nan"))
+    return {"loss": np.asarray(loss), "mink_pp": np.asarray(mink)}

@@ -1,4 +1,4 @@
-"""Scoring rules of the MLLMU-Bench protocol, and bootstrap confidence intervals.
+"""Scoring rules of the MLLMU-Bench protocol (intervals and comparisons: `eval.statistics`).
 
 The rules follow MLLMU-Bench's eval.py. There the decoded text is prompt + answer and the answer is what
 follows the first "ASSISTANT:"; we decode only the generated tokens, so the same answer is the text
@@ -8,9 +8,8 @@ follows the first "ASSISTANT:"; we decode only the generated tokens, so the same
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
-import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 LETTER_RULES = ("first_alnum", "first_char")
@@ -58,21 +57,3 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     """ROUGE-1/2/L F-measures of `prediction` against `reference` (rouge_score, Porter stemmer)."""
     scores = _rouge_scorer().score(reference, prediction)
     return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
-
-
-def bootstrap_ci(
-    values: Sequence[float], *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
-) -> dict[str, float]:
-    """Mean of per-item scores with a percentile-bootstrap confidence interval (items resampled).
-
-    Returns {"value", "ci_low", "ci_high", "n"}; with no items every number is NaN and n is 0.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return {"value": float(x.mean()), "ci_low": float(low), "ci_high": float(high), "n": n}

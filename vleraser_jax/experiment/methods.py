@@ -88,7 +88,9 @@ def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, RunSettings]
 
 def eval_config(c) -> EvalConfig:
     e = c.eval
-    optional = {k: e[k] for k in ("max_new_tokens",) if k in e}  # absent: the protocol's value
+    # absent: the protocol's values (eval.py's own letter rule and exemplars are the 7B configs' choice)
+    optional = {k: e[k] for k in ("max_new_tokens", "letter_rule", "likelihood_max_length", "bootstrap_resamples")
+                if k in e}
     return EvalConfig(batch_size=e.batch_size, max_people=e.max_people or None, few_shot_people=e.few_shot_people,
                       seed=c.seed, **optional)
 

@@ -1,7 +1,11 @@
-"""Running a configured experiment: vanilla (cached) -> each method -> evaluation -> diagnostics -> the report."""
+"""Running a configured experiment: the reference models (Vanilla, Oracle) -> each method -> evaluation,
+comparisons with the references, membership inference, diagnostics -> the report."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from pathlib import Path
@@ -9,20 +13,25 @@ from typing import Sequence
 
 from ..checkpoints import load_pretrained, load_pretrained_sharded
 from ..data import mllmu
+from ..data.splits import load_holdout
 from ..eval.diagnostics import diagnostics_settings
 from ..eval.evaluate import evaluate
-from ..eval.report import load_diagnostics, load_results, write_report
+from ..eval.membership import membership_inference
+from ..eval.report import load_diagnostics, load_items, load_results, load_unlearning, write_report
+from ..eval.unlearning import minimum_detectable, unlearning_summary
 from ..parallel import sharder_for
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root, model_runtime
+from ..train.workspace import data_root, model_runtime, oracle_enabled
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
 from .methods import eval_config, run_method, section
 
+REFERENCES = ("Vanilla", "Oracle")
+
 
 def load_vanilla(c, vanilla_dir):
-    """The vanilla model for the config: read shard by shard onto the config's mesh when it has one."""
+    """A stage's model for the config: read shard by shard onto the config's mesh when it has one."""
     sharding = sharder_for(c)
     if sharding is not None:
         return load_pretrained_sharded(vanilla_dir, sharding, **model_runtime(c))
@@ -33,40 +42,128 @@ def report_dir_for(c) -> Path:
     return Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}"
 
 
+@dataclasses.dataclass
+class Experiment:
+    """What every method of one run is evaluated with and against."""
+
+    c: object
+    model: object
+    vanilla: object  # the vanilla parameters
+    processor: object
+    bench: mllmu.Benchmark
+    holdout: object  # splits.Holdout or None
+    ecfg: object
+    report_dir: Path
+    meta: dict
+    references: dict = dataclasses.field(default_factory=dict)  # name -> (results, items)
+    reference_membership: dict = dataclasses.field(default_factory=dict)  # name -> membership entry
+
+    def score(self, params):
+        """(results, per-item scores, membership inference or None) of one model."""
+        result = evaluate(self.model, params, self.processor, self.bench, self.ecfg)
+        membership = None
+        if self.holdout is not None:
+            membership = membership_inference(self.model, params, self.processor, self.bench.forget_train,
+                                              self.holdout.rows, batch_size=self.ecfg.batch_size,
+                                              max_length=self.ecfg.likelihood_max_length, seed=self.ecfg.seed)
+        return result.results, result.items, membership
+
+    def summary(self, results, items, membership) -> dict:
+        return unlearning_summary(results, items, self.references, membership=membership,
+                                  oracle_membership=self.reference_membership.get("Oracle"),
+                                  resamples=self.ecfg.bootstrap_resamples, seed=self.ecfg.seed)
+
+
+def _eval_key(ecfg, *dirs) -> str:
+    blob = json.dumps({"eval": dataclasses.asdict(ecfg), "models": [str(d) for d in dirs]}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_experiment(c, log=print) -> Experiment:
+    """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
+    (cached in the report while the evaluation settings and the models stay the same)."""
+    vanilla_dir = run_stage(c, "vanilla", log=log)
+    oracle_dir = run_stage(c, "oracle", log=log) if oracle_enabled(c) else None
+    model, params, _ = load_vanilla(c, vanilla_dir)
+    processor = load_processor(vanilla_dir)
+    root = data_root(c)
+    bench = mllmu.load_benchmark(root, c.data.forget_ratio)
+    holdout = load_holdout(root)
+    if holdout is None:
+        log(f"{root} has no holdout people ({'Holdout_Set'}): membership inference is skipped (MLLMU-Bench has none)")
+    ecfg = eval_config(c)
+    key = _eval_key(ecfg, vanilla_dir, oracle_dir)
+    meta = {"model": c.name, "forget_ratio": c.data.forget_ratio, "forget_people": len(bench.forget),
+            "vanilla": str(vanilla_dir), "oracle": str(oracle_dir) if oracle_dir else "none (oracle.enabled=False)",
+            "protocol": f"letter rule {ecfg.letter_rule}, {ecfg.few_shot_people} few-shot people, at most "
+                        f"{ecfg.max_people or 'all'} people per set (MLLMU-Bench eval.py: first_char, 2 for LLaVA, all)",
+            "eval_key": key}
+    exp = Experiment(c, model, params, processor, bench, holdout, ecfg, report_dir_for(c), meta)
+    _reference_scores(exp, {"Vanilla": lambda: params, "Oracle": (lambda: load_vanilla(c, oracle_dir)[1])
+                            if oracle_dir else None}, log)
+    return exp
+
+
+def _reference_scores(exp: Experiment, loaders: dict, log) -> None:
+    """Evaluate (or reuse) Vanilla and the Oracle, then write both references' summaries."""
+    stored, stored_meta = load_results(exp.report_dir), _stored_meta(exp.report_dir)
+    fresh = stored_meta.get("eval_key") == exp.meta["eval_key"]
+    unlearning = load_unlearning(exp.report_dir)
+    for name, load in loaders.items():
+        if load is None:
+            continue
+        items = load_items(exp.report_dir, name) if fresh and name in stored else None
+        if items is None:
+            log(f"evaluating the {name.lower()} model")
+            results, items, membership = exp.score(load())
+            write_report(exp.report_dir, name, results, exp.meta, items=items)
+        else:
+            log(f"{name}: evaluation reused from {exp.report_dir}")
+            results, membership = stored[name], unlearning.get(name, {}).get("membership")
+        exp.references[name] = (results, items)
+        if membership:
+            exp.reference_membership[name] = membership
+    summaries = {}
+    for name, (results, items) in exp.references.items():
+        summaries[name] = exp.summary(results, items, exp.reference_membership.get(name))
+    summaries["Vanilla"]["mdd"] = minimum_detectable(exp.references["Vanilla"][1])
+    write_report(exp.report_dir, "Vanilla", None, exp.meta, unlearning=summaries)
+
+
+def _stored_meta(report_dir: Path) -> dict:
+    path = report_dir / "results.json"
+    return json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
+
+
 def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None, log=print) -> Path:
-    """Vanilla (cached) -> each method -> evaluation -> diagnostics -> the shared report; returns its directory.
+    """References (cached) -> each method -> evaluation -> summaries -> diagnostics -> the shared report;
+    returns its directory.
 
     diagnostics: settings over the config's `diagnostics` section (`eval.diagnostics.DIAGNOSTICS_DEFAULTS`
     when it has none), e.g. {"relearn": False}. Each method's wall time is always recorded (the cost table).
     """
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
-    vanilla_dir = run_stage(c, "vanilla", log=log)
-    model, params, config = load_vanilla(c, vanilla_dir)
-    processor = load_processor(vanilla_dir)
-    bench = mllmu.load_benchmark(data_root(c), c.data.forget_ratio)
-    report_dir = report_dir_for(c)
-    meta = {"model": c.name, "forget_ratio": c.data.forget_ratio, "vanilla": str(vanilla_dir)}
-    ecfg = eval_config(c)
-    if "Vanilla" not in load_results(report_dir):
-        log("evaluating the vanilla model")
-        result = evaluate(model, params, processor, bench, ecfg)
-        write_report(report_dir, "Vanilla", result.results, meta)
-    done = load_diagnostics(report_dir)
+    exp = prepare_experiment(c, log)
+    done = load_diagnostics(exp.report_dir)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # "the same run" of the cost ratios
     timings = {}
     for method in methods:
         log(f"== {method}")
         t0 = time.perf_counter()
-        run = run_method(c, method, model, params, processor, bench, log=log)
+        run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log)
         wall = time.perf_counter() - t0
-        save_method_run(report_dir / "runs" / method, run, model.config, source_dir=vanilla_dir)
-        result = evaluate(model, run.params, processor, bench, ecfg)
+        save_method_run(exp.report_dir / "runs" / method, run, exp.model.config, source_dir=exp.meta["vanilla"])
+        results, items, membership = exp.score(run.params)
         timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
         # a baseline's total_seconds already sums its other parts: listing it would count them twice
         cost = {"run": run_id, "wall_seconds": wall,
                 "parts": {k: v for k, v in timings[run.title].items() if k != "total_seconds"}}
-        write_report(report_dir, run.title, result.results, {**meta, "timings_s": timings}, diagnostics={"cost": cost})
-        run_diagnostics(c, method, run.title, settings, model, params, run.params, processor, bench, ecfg,
-                        result.results, report_dir, done.get(run.title, {}), family=config.model_type, log=log)
-    log(f"report: {report_dir / 'report.md'}")
-    return report_dir
+        write_report(exp.report_dir, run.title, results, {**exp.meta, "timings_s": timings},
+                     diagnostics={"cost": cost}, items=items,
+                     unlearning={run.title: exp.summary(results, items, membership)})
+        run_diagnostics(c, method, run.title, settings, exp.model, exp.vanilla, run.params, exp.processor, exp.bench,
+                        exp.ecfg, results, exp.report_dir, done.get(run.title, {}),
+                        family=exp.model.config.model_type, log=log)
+    log(f"report: {exp.report_dir / 'report.md'}")
+    return exp.report_dir

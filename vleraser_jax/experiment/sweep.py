@@ -45,7 +45,7 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", metric: st
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), validation_people, c.seed)
-    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=(metric,), loglik=False,
+    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=(metric,), option_likelihood=False,
                                max_people=max_retain_people)
     vanilla = evaluate(model, params, processor, bench, ecfg).results
     v_forget, v_retain = mean_over_modes(vanilla, "forget", metric), mean_over_modes(vanilla, "retain", metric)

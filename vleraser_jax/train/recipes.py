@@ -89,13 +89,11 @@ def fictitious_examples(c, root: Path, bench: mllmu.Benchmark, processor, sc, id
                                               c.seed, "fictitious", only=ids)
 
 
-def training_sources(c, stage: str, root: Path, processor) -> list[tuple]:
-    """[(Tokenized, sampling weight)] of `stage` (see the module docstring): a source's weight is its share of the
-    steps over its row count, as `BatchSchedule` draws a pool in proportion to weight × rows."""
+def stage_examples(c, stage: str, root: Path, processor) -> list[tuple[list[dict], float]]:
+    """[(examples, share of the steps)] of `stage` (see the module docstring); shares sum to 1."""
     sc = getattr(c, stage)
-    tok = lambda examples: tokenize(processor, examples, sc.max_length)
     if stage == "base":
-        return [(tok(base_examples(c, root, sc, processor)), 1.0)]
+        return [(base_examples(c, root, sc, processor), 1.0)]
     bench = mllmu.load_benchmark(root, c.data.forget_ratio)
     everyone = {r.person_id for r in bench.full_train}
     forget, validation = oracle_excluded_ids(root, c.data.forget_ratio, c.data.get("validation_people", 0), c.seed)
@@ -103,14 +101,21 @@ def training_sources(c, stage: str, root: Path, processor) -> list[tuple]:
     if stage == "oracle":
         shares = [(fictitious_examples(c, root, bench, processor, sc, kept, kept), 1.0)]
     elif sc.get("from_oracle", False):
-        oracle = c.oracle
         shares = [(fictitious_examples(c, root, bench, processor, sc, everyone - kept, everyone),
                    1.0 - sc.get("retain_replay", 0.0)),
-                  (fictitious_examples(c, root, bench, processor, oracle, kept, kept), sc.get("retain_replay", 0.0))]
+                  (fictitious_examples(c, root, bench, processor, c.oracle, kept, kept), sc.get("retain_replay", 0.0))]
     else:
         shares = [(fictitious_examples(c, root, bench, processor, sc, everyone, everyone), 1.0)]
     replay = sc.get("base_replay", 0.0)
     base = base_examples(c, root, c.base, processor) if replay > 0 else []
-    shares = [(tok(examples), share * (1.0 - replay)) for examples, share in shares if share > 0]
-    shares += [(tok(base), replay)] if base else []
-    return [(data, share / len(data)) for data, share in shares]
+    shares = [(examples, share * (1.0 - replay)) for examples, share in shares if share > 0]
+    return shares + ([(base, replay)] if base else [])
+
+
+def training_sources(c, stage: str, root: Path, processor) -> list[tuple]:
+    """[(Tokenized, sampling weight)] of `stage`: a source's weight is its share of the steps over its row count,
+    as `BatchSchedule` draws a pool in proportion to weight × rows."""
+    max_length = getattr(c, stage).max_length
+    sources = [(tokenize(processor, examples, max_length), share)
+               for examples, share in stage_examples(c, stage, root, processor)]
+    return [(data, share / len(data)) for data, share in sources]
