@@ -14,6 +14,7 @@ from ..mllmu import (CLOZE_INSTRUCTION, FT_DATA, FULL_SET, GEN_INSTRUCTION_TEXTU
                      MC_INSTRUCTION, OPTION_LETTERS, RETAIN_SET, TEST_SET)
 from ...processing import (IMAGE_TOKEN, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_IMAGE_TOKEN, QWEN2_VL_SPECIAL_TOKENS,
                            write_image_processor_config, write_qwen2_vl_image_processor_config)
+from ..splits import HOLDOUT_SET, has_holdout
 from .tasks import _format_cloze, _format_mc
 from .writer import load_base_set, read_info
 
@@ -131,12 +132,14 @@ def _chat(q: str, a: str, visual: bool, family: str = "llava") -> str:
 
 def corpus_texts(root: str | os.PathLike, family: str = "llava") -> Iterator[str]:
     """Every text of a synthetic benchmark as the `family`'s models see it (prompts with answers), in a
-    fixed order."""
+    fixed order. The holdout people's text is in it too: their names must tokenize like everyone else's, or a
+    membership attack would tell them apart by their token statistics alone."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     _chat_ = functools.partial(_chat, family=family)
     yield from PROMPT_TEMPLATES * 4  # repeated so min_frequency does not drop their merges
-    for config in (FULL_SET, TEST_SET, RETAIN_SET):
+    holdout = (HOLDOUT_SET,) if has_holdout(root) else ()
+    for config in (FULL_SET, TEST_SET, RETAIN_SET, *holdout):
         for p in mllmu.load_profiles(root, config, verify_images=False):
             yield from (f"{k}: {v}" for k, v in p.biography.items())
             for visual, items in ((True, p.visual_mc), (False, p.textual_mc)):
@@ -151,7 +154,8 @@ def corpus_texts(root: str | os.PathLike, family: str = "llava") -> Iterator[str
                 yield _chat_(f"{it.question}\n{instruction}", it.ground_truth, visual)
             for it in p.cloze:
                 yield _chat_(_format_cloze(it.question), it.ground_truth, it.mode == "visual")
-    rows = [r for rs in mllmu.load_training_rows(root, FT_DATA, verify_images=False).values() for r in rs]
+    rows = [r for config in (FT_DATA, *holdout)
+            for rs in mllmu.load_training_rows(root, config, verify_images=False).values() for r in rs]
     rows += load_base_set(root, verify_images=False)
     yield from (_chat_(r.question, r.answer, r.image is not None) for r in rows)
 
