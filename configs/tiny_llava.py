@@ -141,4 +141,5 @@ def get_config():
     c.eval.max_people = 0  # 0: everyone
     c.eval.few_shot_people = 0
     c.eval.letter_rule = "first_alnum"
+    c.eval.base_row = True  # the base model's scores too: it never saw any fictitious person
     return c

@@ -17,8 +17,9 @@ from PIL import Image
 from vleraser_jax import cli
 from vleraser_jax.data.mllmu import Benchmark, MultipleChoice, OpenItem, Profile, TrainingRow
 from vleraser_jax.eval import diagnostics as dg
-from vleraser_jax.eval.report import (ReportError, cost_ratios, load_diagnostics, load_results, render_markdown,
-                                      write_diagnostics, write_report)
+from vleraser_jax.eval.report import ReportError, load_diagnostics, load_results, write_diagnostics, write_report
+from vleraser_jax.eval.report_diagnostics import cost_ratios
+from vleraser_jax.eval.report_tables import render_markdown
 from vleraser_jax.models.configs import (CLIPVisionConfig, ConfigError, LlavaConfig, Qwen2VLConfig,
                                          Qwen2VLVisionConfig, TextConfig)
 from vleraser_jax.models.llava import LlavaForConditionalGeneration
@@ -323,7 +324,8 @@ def test_report_renders_the_diagnostic_attack_and_cost_tables(tmp_path):
            "Relearn A: before → after | Relearn B: before → after |" in md
     assert "| GA | 30.0 | 45.0 | 31.0 | 30.0 | 50.0 | 30.0 → 90.0 | 25.0 → 50.0 |" in md
     assert "| NPO | –" not in md  # its only diagnostic was skipped
-    assert md.count("### Visual-QA") == 4 and md.count("### Textual-QA") == 4  # summary + one per diagnostic
+    diagnostics_part = md[md.index("## Diagnostics and attacks at a glance"):]
+    assert diagnostics_part.count("### Visual-QA") == 4 and diagnostics_part.count("### Textual-QA") == 4  # summary + one per diagnostic
 
 
 def test_report_refuses_malformed_diagnostics(tmp_path):
@@ -392,6 +394,7 @@ def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp
     monkeypatch.setattr(dg, "_evaluate", spy)
     monkeypatch.setattr(run, "run_stage", lambda c, stage, log=print: full_checkpoint)
     monkeypatch.setattr(run, "data_root", lambda c: tmp_path / "data")
+    monkeypatch.setattr(run, "prepare_data", lambda c, log=print: (tmp_path / "data", full_checkpoint))
     monkeypatch.setattr(mllmu, "load_benchmark", lambda root, ratio: bench)
     c = ml_collections.ConfigDict({
         "name": "tiny", "seed": 0, "work_dir": str(tmp_path), "data": {"forget_ratio": 5},

@@ -38,5 +38,6 @@ def test_synth_then_eval_writes_the_report(tmp_path, capsys):
     results = json.loads((report / "results.json").read_text())["methods"]["random"]
     assert set(results) == {"forget", "test", "retain", "real"}
     assert results["forget"]["visual"]["classification"]["n"] == 8  # 1 forget person x 8 visual MC items
-    assert (report / "report.md").exists() and (report / "forget_vs_retain.png").exists()
+    assert (report / "report.md").exists() and (report / "sets_visual_cloze.png").exists()
+    assert (report / "items-random.jsonl").exists()  # per-item scores, for paired comparisons later
     assert (report / "predictions_random.jsonl").read_text().count("\n") > 0

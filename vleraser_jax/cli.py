@@ -222,6 +222,7 @@ def cmd_demo(args) -> int:
     from pathlib import Path
 
     from .config import load_config
+    from .experiment.overview import describe_run
     from .experiment.runner import run_experiment
 
     config = Path(args.config or Path(__file__).resolve().parent.parent / "configs" / f"{args.backbone}.py")
@@ -231,6 +232,7 @@ def cmd_demo(args) -> int:
     c = load_config(config, overrides)
     start = time.perf_counter()
     print(f"demo: {c.name}, forget {c.data.forget_ratio}%, methods {', '.join(args.method)} (work dir {c.work_dir})")
+    print(describe_run(c, args.method, demo_diagnostics(args)), flush=True)
     report = run_experiment(c, args.method, diagnostics=demo_diagnostics(args))
     print(f"demo finished in {time.perf_counter() - start:.0f} s\n")
     print((report / "report.md").read_text())
@@ -306,7 +308,8 @@ def _pipeline_commands(sub) -> None:
     p.add_argument("--backbone", default="tiny_llava", choices=["tiny_llava", "tiny_qwen2vl"],
                    help="configs/<backbone>.py: the tiny LLaVA-1.5 or Qwen2-VL")
     p.add_argument("--config", help="a config file instead of configs/<backbone>.py")
-    p.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
+    p.add_argument("--forget-ratio", type=int, default=15, choices=[5, 10, 15],
+                   help="the forget split (15: 15 of the 100 people; forget_5's 5 people can show no significant difference)")
     p.add_argument("--method", nargs="+", default=DEMO_METHODS, choices=all_methods())
     switches = p.add_mutually_exclusive_group()
     switches.add_argument("--no-diagnostics", action="store_true",

@@ -91,6 +91,8 @@ def paired_difference(method: Sequence[float], reference: Sequence[float], clust
     sum_b, _ = _by_cluster(b, clusters)
     if np.allclose(sum_a, sum_b):
         return {**out, "p_value": 1.0}
+    if len(counts) < 2:  # one person: nothing to permute
+        return {**out, "p_value": float("nan")}
     n_items = counts.sum()
     exact = 2 ** len(counts)
     test = stats.permutation_test(

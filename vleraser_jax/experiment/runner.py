@@ -22,10 +22,11 @@ from ..eval.unlearning import minimum_detectable, unlearning_summary
 from ..parallel import sharder_for
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root, model_runtime, oracle_enabled
+from ..train.workspace import data_root, model_runtime, oracle_enabled, prepare_data
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
 from .methods import eval_config, run_method, section
+from .overview import Timings
 
 REFERENCES = ("Vanilla", "Oracle")
 
@@ -57,6 +58,7 @@ class Experiment:
     meta: dict
     references: dict = dataclasses.field(default_factory=dict)  # name -> (results, items)
     reference_membership: dict = dataclasses.field(default_factory=dict)  # name -> membership entry
+    timings: Timings = dataclasses.field(default_factory=Timings)
 
     def score(self, params):
         """(results, per-item scores, membership inference or None) of one model."""
@@ -80,10 +82,17 @@ def _eval_key(ecfg, *dirs) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def prepare_experiment(c, log=print) -> Experiment:
+def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experiment:
     """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
     (cached in the report while the evaluation settings and the models stay the same)."""
-    vanilla_dir = run_stage(c, "vanilla", log=log)
+    timings = timings or Timings()
+    with timings.part("data and tokenizer"):
+        prepare_data(c, log)
+    for stage in ("base", "oracle") if oracle_enabled(c) else ("base",):
+        with timings.part(f"{stage} stage"):
+            run_stage(c, stage, log=log)
+    with timings.part("vanilla stage"):
+        vanilla_dir = run_stage(c, "vanilla", log=log)
     oracle_dir = run_stage(c, "oracle", log=log) if oracle_enabled(c) else None
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
@@ -99,16 +108,32 @@ def prepare_experiment(c, log=print) -> Experiment:
             "protocol": f"letter rule {ecfg.letter_rule}, {ecfg.few_shot_people} few-shot people, at most "
                         f"{ecfg.max_people or 'all'} people per set (MLLMU-Bench eval.py: first_char, 2 for LLaVA, all)",
             "eval_key": key}
-    exp = Experiment(c, model, params, processor, bench, holdout, ecfg, report_dir_for(c), meta)
-    _reference_scores(exp, {"Vanilla": lambda: params, "Oracle": (lambda: load_vanilla(c, oracle_dir)[1])
-                            if oracle_dir else None}, log)
+    exp = Experiment(c, model, params, processor, bench, holdout, ecfg, report_dir_for(c), meta, timings=timings)
+    with timings.part("evaluate Vanilla and Oracle"):
+        _reference_scores(exp, {"Vanilla": lambda: params, "Oracle": (lambda: load_vanilla(c, oracle_dir)[1])
+                                if oracle_dir else None}, log)
+    if c.eval.get("base_row", False):  # what never having learned any fictitious person looks like
+        with timings.part("evaluate Base"):
+            _score_once(exp, "Base", lambda: load_vanilla(c, run_stage(c, "base", log=log))[1], log)
     return exp
+
+
+def _score_once(exp: Experiment, name: str, load, log) -> None:
+    """Evaluate a model that is not a reference (the base) unless the report already holds it for this key."""
+    fresh = _stored_meta(exp.report_dir).get("eval_key") == exp.meta["eval_key"]
+    if fresh and name in load_results(exp.report_dir) and load_items(exp.report_dir, name) is not None:
+        log(f"{name}: evaluation reused from {exp.report_dir}")
+        return
+    log(f"evaluating the {name.lower()} model")
+    results, items, membership = exp.score(load())
+    write_report(exp.report_dir, name, results, exp.meta, items=items,
+                 unlearning={name: exp.summary(results, items, membership)})
 
 
 def _reference_scores(exp: Experiment, loaders: dict, log) -> None:
     """Evaluate (or reuse) Vanilla and the Oracle, then write both references' summaries."""
-    stored, stored_meta = load_results(exp.report_dir), _stored_meta(exp.report_dir)
-    fresh = stored_meta.get("eval_key") == exp.meta["eval_key"]
+    stored = load_results(exp.report_dir)
+    fresh = _stored_meta(exp.report_dir).get("eval_key") == exp.meta["eval_key"]
     unlearning = load_unlearning(exp.report_dir)
     for name, load in loaders.items():
         if load is None:
@@ -145,25 +170,30 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     """
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
     exp = prepare_experiment(c, log)
+    part = exp.timings.part
     done = load_diagnostics(exp.report_dir)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # "the same run" of the cost ratios
     timings = {}
     for method in methods:
         log(f"== {method}")
         t0 = time.perf_counter()
-        run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log)
+        with part(f"{method}: unlearn"):
+            run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log)
         wall = time.perf_counter() - t0
-        save_method_run(exp.report_dir / "runs" / method, run, exp.model.config, source_dir=exp.meta["vanilla"])
-        results, items, membership = exp.score(run.params)
         timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
         # a baseline's total_seconds already sums its other parts: listing it would count them twice
         cost = {"run": run_id, "wall_seconds": wall,
                 "parts": {k: v for k, v in timings[run.title].items() if k != "total_seconds"}}
-        write_report(exp.report_dir, run.title, results, {**exp.meta, "timings_s": timings},
-                     diagnostics={"cost": cost}, items=items,
-                     unlearning={run.title: exp.summary(results, items, membership)})
-        run_diagnostics(c, method, run.title, settings, exp.model, exp.vanilla, run.params, exp.processor, exp.bench,
-                        exp.ecfg, results, exp.report_dir, done.get(run.title, {}),
-                        family=exp.model.config.model_type, log=log)
+        with part(f"{method}: save, evaluate, compare"):
+            save_method_run(exp.report_dir / "runs" / method, run, exp.model.config, source_dir=exp.meta["vanilla"])
+            results, items, membership = exp.score(run.params)
+            write_report(exp.report_dir, run.title, results, {**exp.meta, "timings_s": timings},
+                         diagnostics={"cost": cost}, items=items,
+                         unlearning={run.title: exp.summary(results, items, membership)})
+        with part(f"{method}: diagnostics"):
+            run_diagnostics(c, method, run.title, settings, exp.model, exp.vanilla, run.params, exp.processor,
+                            exp.bench, exp.ecfg, results, exp.report_dir, done.get(run.title, {}),
+                            family=exp.model.config.model_type, log=log)
+    log(exp.timings.table())
     log(f"report: {exp.report_dir / 'report.md'}")
     return exp.report_dir

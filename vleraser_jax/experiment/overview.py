@@ -1,0 +1,71 @@
+"""What a run will do, said before it starts (with a time estimate), and where its time went, said at the end."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Sequence
+
+from ..train.workspace import STAGES, oracle_enabled, stage_dir
+
+# Seconds per training step of the tiny configs (batch 16, 2 CPU cores, measured on this project's machine),
+# and per evaluated model / per method run; only the up-front estimate uses them.
+SECONDS_PER_STEP = {"base": 0.22, "oracle": 0.22, "vanilla": 0.3}
+SECONDS_PER_EVALUATION = 55.0
+SECONDS_PER_METHOD = 25.0
+SECONDS_PER_DIAGNOSTICS = 45.0
+
+
+def stage_plan(c) -> list[tuple[str, str, int | None]]:
+    """[(stage, "reuse" | "train" | "pretrained", steps)] in training order."""
+    out = []
+    for stage in STAGES:
+        if stage == "oracle" and not oracle_enabled(c):
+            continue
+        if stage == "base" and c.model.get("checkpoint"):
+            out.append((stage, "pretrained", None))
+            continue
+        sc = c.get(stage)
+        steps = int(sc.steps) if sc.get("steps") else None
+        out.append((stage, "reuse" if (stage_dir(c, stage) / "config.json").exists() else "train", steps))
+    return out
+
+
+def describe_run(c, methods: Sequence[str], diagnostics: dict | None) -> str:
+    """A few lines: the stages to train or reuse, the methods, the evaluation and an estimated duration."""
+    plan = stage_plan(c)
+    estimate = sum(SECONDS_PER_STEP.get(s, 0.3) * (n or 0) for s, what, n in plan if what == "train")
+    lines = ["plan:"]
+    for stage, what, steps in plan:
+        detail = f", {steps} steps" if steps and what == "train" else ""
+        lines.append(f"  {stage:<8} {what}{detail}")
+    kinds = [k for k, on in (diagnostics or {}).items() if on] if diagnostics is not None else ["all"]
+    evaluations = 2 + bool(c.eval.get("base_row", False)) + len(methods)
+    estimate += evaluations * SECONDS_PER_EVALUATION + len(methods) * (SECONDS_PER_METHOD + (
+        SECONDS_PER_DIAGNOSTICS if kinds else 0.0))
+    lines.append(f"  methods  {', '.join(methods)}")
+    lines.append(f"  evaluate {evaluations} models on forget_{c.data.forget_ratio} (at most "
+                 f"{c.eval.max_people or 'all'} people per set), diagnostics: {', '.join(kinds) or 'none'}")
+    lines.append(f"  estimated {estimate / 60:.0f} min on 2 CPU cores (stages marked reuse cost nothing)")
+    return "\n".join(lines)
+
+
+class Timings:
+    """Wall time per named part, in the order the parts ran."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
+
+    def table(self) -> str:
+        total = sum(self.parts.values())
+        lines = ["time breakdown:"] + [f"  {name:<40} {seconds:7.1f} s" for name, seconds in self.parts.items()]
+        return "\n".join(lines + [f"  {'total':<40} {total:7.1f} s"])
+
