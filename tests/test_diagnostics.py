@@ -376,7 +376,7 @@ def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp
 
     seen = {"vanilla": None, "evaluated": []}
 
-    def fake_run_method(c, method, model, params, processor, bench, *, log=print):
+    def fake_run_method(c, method, model, params, processor, bench, *, log=print, run_dir=None):
         # an "unlearning" that only damps the projector: what the reload diagnostic is built to catch
         seen["vanilla"] = params
         unlearned = {**params, "projector": jax.tree_util.tree_map(lambda x: 0.5 * x, params["projector"])}

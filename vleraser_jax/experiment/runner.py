@@ -15,7 +15,7 @@ from ..eval.report import load_diagnostics, load_results, write_report
 from ..parallel import sharder_for
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root, model_runtime
+from ..train.workspace import data_root, model_runtime, tensorboard_on
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
 from .methods import eval_config, run_method, section
@@ -40,6 +40,7 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     when it has none), e.g. {"relearn": False}. Each method's wall time is always recorded (the cost table).
     """
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
+    tensorboard_on(c)  # so does TensorBoard logging without tensorboardX
     vanilla_dir = run_stage(c, "vanilla", log=log)
     model, params, config = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
@@ -57,9 +58,10 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     for method in methods:
         log(f"== {method}")
         t0 = time.perf_counter()
-        run = run_method(c, method, model, params, processor, bench, log=log)
+        run_dir = report_dir / "runs" / method
+        run = run_method(c, method, model, params, processor, bench, log=log, run_dir=run_dir)
         wall = time.perf_counter() - t0
-        save_method_run(report_dir / "runs" / method, run, model.config, source_dir=vanilla_dir)
+        save_method_run(run_dir, run, model.config, source_dir=vanilla_dir)
         result = evaluate(model, run.params, processor, bench, ecfg)
         timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
         # a baseline's total_seconds already sums its other parts: listing it would count them twice
