@@ -112,4 +112,9 @@ def get_config():
     c.eval.batch_size = 32
     c.eval.max_people = 0  # 0: everyone
     c.eval.few_shot_people = 0
+
+    # Training metrics always go to JSONL beside each model / in each method run (`vleraser plot RUN_DIR` draws
+    # them); tensorboard=True also writes TensorBoard events there (needs `pip install -e .[tensorboard]`).
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = False
     return c

@@ -18,7 +18,7 @@ from ..unlearn.trainer import LOG_NAME
 from .report import ReportError
 
 PANELS = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
-          "examples_per_s": "throughput (examples / s)"}
+          "examples_per_s": "throughput (examples / s; the first includes compiling)"}
 
 
 def find_train_log(run) -> Path:
@@ -61,6 +61,7 @@ def plot_training_curves(log_path, out=None, title: str | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     log_path = Path(log_path)
     records = read_train_log(log_path)
@@ -68,13 +69,14 @@ def plot_training_curves(log_path, out=None, title: str | None = None) -> Path:
     names = [k for k in PANELS if any(k in r for r in records)] + extra
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.6 * cols, 7.0), 3.3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         steps, values = zip(*points) if points else ((), ())
         ax.plot(steps, values, marker="." if len(points) < 30 else None, lw=1.2)
         ax.set_title(PANELS.get(name, name), fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if name == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
