@@ -196,3 +196,18 @@ def test_full_parameter_runs_and_bad_trees_are_refused_clearly(runs, tmp_path, c
     with pytest.raises(CheckpointError, match="NaN"):
         save_peft_adapter(tmp_path / "bad", bad, config)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_readme_lines_reproduce_the_unlearned_checkpoint(runs):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- peft-merge[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    for run_dir in (runs.vle, runs.npo):
+        namespace = {"vanilla_dir": str(runs.ckpt), "run_dir": str(run_dir)}
+        exec(code, namespace)
+        ours = torch_llava(run_dir / "model").state_dict()
+        merged = namespace["unlearned"].state_dict()
+        assert set(merged) == set(ours)
+        for name, tensor in ours.items():
+            np.testing.assert_allclose(merged[name].numpy(), tensor.numpy(), rtol=0, atol=1e-6, err_msg=name)

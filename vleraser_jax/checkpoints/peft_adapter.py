@@ -127,7 +127,7 @@ def adapter_config(fields: dict, config, base_model: str | None = None) -> dict:
 
 def _readme(merge: dict) -> str:
     weight = merge["merge_weight"]
-    scaled = (f"with rescale_adapter_scale(model, {weight!r}):  # {merge['meaning']}\n"
+    scaled = (f"with rescale_adapter_scale(model, {weight!r}):  # W <- W + ({weight!r}) * lora_alpha / r * B A\n"
               "    unlearned = model.merge_and_unload()") if weight != 1.0 else "unlearned = model.merge_and_unload()"
     imports = "from peft import PeftModel" + ("\nfrom peft.helpers import rescale_adapter_scale" if weight != 1.0 else "")
     return (f"# PEFT LoRA adapter: {merge['method']}\n\n{merge['meaning']}\n\n"

@@ -12,10 +12,12 @@ from ..checkpoints.peft_adapter import save_peft_adapter
 from ..io import atomic_directory, write_text_atomic
 
 ADAPTER_DIR = "adapter"
-_MEANINGS = {  # what a run's PEFT adapter holds, by the sign of its merge weight
-    "delete": "The LoRA VL-Eraser distilled from the forget set behind the vacuum projector (folded into lora_A): "
-              "what the deletion subtracted.",
-    "add": "The LoRA this baseline trained; its unlearned model is the vanilla model with the LoRA merged.",
+_MEANINGS = {  # what a run's PEFT adapter holds: (subtracted?, behind a vacuum projector?)
+    (True, True): "The LoRA VL-Eraser distilled on the forget set behind the vacuum projector P (folded into "
+                  "lora_A as A P): what its deletion subtracted.",
+    (True, False): "The LoRA VL-Eraser distilled on the forget set (no vacuum projector): what its deletion "
+                   "subtracted.",
+    (False, False): "The LoRA this method trained; its unlearned model is the vanilla model with the LoRA merged.",
 }
 
 
@@ -78,9 +80,9 @@ def merge_weight(meta: dict, where) -> float:
 def write_adapter(path, lora, projectors, meta: dict, model_config, *, base_model=None, where="") -> Path:
     """The run's LoRA as a PEFT adapter at `path` (`checkpoints.peft_adapter.save_peft_adapter`)."""
     weight = merge_weight(meta, where or path)
+    meaning = _MEANINGS.get((weight < 0, projectors is not None), "The LoRA this method trained.")
     return save_peft_adapter(path, lora, model_config, projectors, merge_weight=weight,
-                             method=str(meta.get("title") or meta.get("method") or "VL-Eraser"),
-                             meaning=_MEANINGS["delete" if weight < 0 else "add"],
+                             method=str(meta.get("title") or meta.get("method") or "VL-Eraser"), meaning=meaning,
                              base_model=None if base_model is None else str(Path(base_model).absolute()))
 
 
@@ -111,6 +113,7 @@ def save_method_run(out_dir, run, model_config, *, source_dir=None, adapter: boo
     out_dir = Path(out_dir)
     if run.lora is not None:
         meta = {k: v for k, v in run.info.items() if not k.endswith("_history")}
+        meta["title"] = run.title
         if source_dir is not None:
             meta["base_model"] = str(Path(source_dir).absolute())
         save_artifacts(out_dir / "artifacts", run.lora, run.vacuum, meta)
