@@ -73,6 +73,16 @@ def tiny_llava_hf_config(
     )
 
 
+@pytest.fixture(scope="module")
+def quick_compiles():
+    """XLA compiles dominate a module of tiny runs: skip the backend's optimisation passes (LLVM -O0, numerics
+    unchanged) for that module only, then restore the setting. Use: `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def randomized(model, seed: int = 0, norm_markers=("norm", "layrnorm", "ln_q")):
     """Give a freshly built torch model random weights with non-trivial norms and biases (HF inits
     them to 1 and 0, which would hide layout mistakes), in eval mode."""

@@ -21,14 +21,7 @@ from vleraser_jax.unlearn.adapter import Adapter
 LM_LINEAR_PARAMS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """XLA compiles dominate this module (runs are microseconds): skip the backend's optimisation passes
-    here only (LLVM -O0, numerics unchanged), then restore the setting for the other modules."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from vleraser_jax.models.llava import LlavaForConditionalGeneration
 from vleraser_jax.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """Compiles dominate these tests: skip XLA's optimisation passes here only (numerics unchanged)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 def flat(tree) -> dict[str, object]:

@@ -26,13 +26,7 @@ from vleraser_jax.experiment.methods import MethodRun
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """Compiles dominate these 1-2 step runs: skip XLA's optimisation passes here only (numerics unchanged)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +205,29 @@ def test_the_readme_lines_reproduce_the_unlearned_checkpoint(runs):
         assert set(merged) == set(ours)
         for name, tensor in ours.items():
             np.testing.assert_allclose(merged[name].numpy(), tensor.numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_qwen2_vl_deletion_as_an_adapter(tmp_path):
+    """The same contract on Qwen2-VL, for a random LoRA behind a random vacuum basis (no training needed)."""
+    from peft.helpers import rescale_adapter_scale
+    from qwen2_vl_helpers import make_torch_qwen2_vl, tiny_qwen2_vl_hf_config
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vleraser_jax.checkpoints import save_pretrained
+    from vleraser_jax.unlearn import lora as lora_lib
+
+    make_torch_qwen2_vl(tiny_qwen2_vl_hf_config()).save_pretrained(tmp_path / "vanilla")
+    _, params, config = load_pretrained(tmp_path / "vanilla")
+    lora = lora_lib.init(params, 2, 3.0, jax.random.PRNGKey(0), b_std=0.05)
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((96, 3)))[0].astype(np.float32)
+    projectors = {"llm": {f"layers_{i}": {"mlp": {"down_proj": {"basis": basis}}} for i in range(2)}}
+    save_pretrained(lora_lib.merge(params, lora, projectors, sign=-1.5), config, tmp_path / "unlearned")
+    save_peft_adapter(tmp_path / "adapter", lora, config, projectors, merge_weight=-1.5)
+    model = load_peft(Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "vanilla")).eval(),
+                      tmp_path / "adapter")
+    with rescale_adapter_scale(model, -1.5):
+        merged = model.merge_and_unload().state_dict()
+    ours = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "unlearned")).state_dict()
+    assert set(merged) == set(ours)
+    for name, tensor in ours.items():
+        np.testing.assert_allclose(merged[name].numpy(), tensor.numpy(), rtol=0, atol=1e-6, err_msg=name)

@@ -8,7 +8,6 @@ import json
 import struct
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -25,12 +24,7 @@ from vleraser_jax.unlearn.trainer import LOG_NAME
 METRICS = {"step", "lr", "examples_per_s", "loss", "grad_norm"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 def config(tensorboard: bool, steps: int = 6):
