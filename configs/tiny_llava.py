@@ -142,4 +142,9 @@ def get_config():
     c.eval.few_shot_people = 0
     c.eval.letter_rule = "first_alnum"
     c.eval.base_row = True  # the base model's scores too: it never saw any fictitious person
+
+    # Training metrics always go to JSONL beside each model / in each method run (`vleraser plot RUN_DIR` draws
+    # them); tensorboard=True also writes TensorBoard events there (needs `pip install -e .[tensorboard]`).
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = False
     return c

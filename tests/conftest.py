@@ -73,6 +73,16 @@ def tiny_llava_hf_config(
     )
 
 
+@pytest.fixture(scope="module")
+def quick_compiles():
+    """XLA compiles dominate a module of tiny runs: skip the backend's optimisation passes (LLVM -O0, numerics
+    unchanged) for that module only, then restore the setting. Use: `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def randomized(model, seed: int = 0, norm_markers=("norm", "layrnorm", "ln_q")):
     """Give a freshly built torch model random weights with non-trivial norms and biases (HF inits
     them to 1 and 0, which would hide layout mistakes), in eval mode."""
@@ -152,24 +162,31 @@ CORPUS = [
 ] * 20
 
 
+def write_full_checkpoint(path, hf_config=None, lm_layers: int | None = None):
+    """Write a complete tiny LLaVA directory at `path` (random weights, a tokenizer trained on CORPUS, an image
+    processor) from `hf_config` (default `tiny_llava_hf_config()`); returns the path."""
+    from vleraser_jax.data.synthetic import train_tokenizer
+    from vleraser_jax.processing import write_image_processor_config
+
+    tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)
+    hf_config = hf_config or tiny_llava_hf_config()
+    if lm_layers is not None:
+        hf_config.text_config.num_hidden_layers = lm_layers
+    hf_config.text_config.vocab_size = len(tokenizer)
+    hf_config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    hf_config.text_config.eos_token_id = tokenizer.eos_token_id
+    hf_config.text_config.pad_token_id = tokenizer.pad_token_id
+    make_torch_llava(hf_config).save_pretrained(path)
+    write_image_processor_config(path, image_size=28)
+    return path
+
+
 @pytest.fixture(scope="session")
 def full_checkpoint(tmp_path_factory):
     """A complete tiny LLaVA directory: random weights, a trained tokenizer, an image processor, an image."""
     from PIL import Image
 
-    from vleraser_jax.data.synthetic import train_tokenizer
-    from vleraser_jax.processing import write_image_processor_config
-
-    path = tmp_path_factory.mktemp("full_ckpt")
-    tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    hf_config = tiny_llava_hf_config()
-    hf_config.text_config.vocab_size = len(tokenizer)
-    hf_config.image_token_index = image_id
-    hf_config.text_config.eos_token_id = tokenizer.eos_token_id
-    hf_config.text_config.pad_token_id = tokenizer.pad_token_id
-    make_torch_llava(hf_config).save_pretrained(path)
-    write_image_processor_config(path, image_size=28)
+    path = write_full_checkpoint(tmp_path_factory.mktemp("full_ckpt"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     image.save(path / "face.png")
     return path

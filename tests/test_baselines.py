@@ -21,38 +21,22 @@ from vleraser_jax.unlearn.adapter import Adapter
 LM_LINEAR_PARAMS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """XLA compiles dominate this module (runs are microseconds): skip the backend's optimisation passes
-    here only (LLVM -O0, numerics unchanged), then restore the setting for the other modules."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A complete tiny LLaVA checkpoint (1 LM block, 1 vision layer: quick to compile), its processor,
     training rows, and fixed-shape text batches (batching.tokenize + epoch_batches, batch size 2)."""
-    from conftest import CORPUS, make_torch_llava, tiny_llava_hf_config
+    from conftest import tiny_llava_hf_config, write_full_checkpoint
     from PIL import Image
 
     from vleraser_jax.data.mllmu import TrainingRow
     from vleraser_jax.data.batching import epoch_batches, group_lengths, qa_example, tokenize
-    from vleraser_jax.data.synthetic import train_tokenizer
-    from vleraser_jax.processing import load_processor, write_image_processor_config
+    from vleraser_jax.processing import load_processor
 
-    path = tmp_path_factory.mktemp("small_llava")
-    tokenizer = train_tokenizer(CORPUS, path, vocab_size=300)
-    hf_config = tiny_llava_hf_config(vision_layers=1, vision_feature_layer=-1)
-    hf_config.text_config.num_hidden_layers = 1
-    hf_config.text_config.vocab_size = len(tokenizer)
-    hf_config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    hf_config.text_config.eos_token_id = tokenizer.eos_token_id
-    hf_config.text_config.pad_token_id = tokenizer.pad_token_id
-    make_torch_llava(hf_config).save_pretrained(path)
-    write_image_processor_config(path, image_size=28)
+    path = write_full_checkpoint(tmp_path_factory.mktemp("small_llava"),
+                                 tiny_llava_hf_config(vision_layers=1, vision_feature_layer=-1), lm_layers=1)
     model, params, config = load_pretrained(path)
     processor = load_processor(path)
     buf = io.BytesIO()
@@ -437,20 +421,26 @@ def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
     # GA forgets the image rows (the vision path); the others text rows, to keep compiles few
     forget_rows = bench.forget_train if name == "ga" else small.forget_text[:2]
     messages = []
-    unlearned, info = bl.unlearn_baseline(model, params, processor, forget_rows, bench.retain_train, name,
-                                          {"epochs": None}, run, full_rows=bench.full_train, progress=False,
-                                          log=messages.append)
+    unlearned, lora, info = bl.unlearn_baseline(model, params, processor, forget_rows, bench.retain_train, name,
+                                                {"epochs": None}, run, full_rows=bench.full_train, progress=False,
+                                                log=messages.append)
     if out is not None:
-        save_method_run(out, MethodRun("GD", unlearned, info), model.config, source_dir=small.path)
+        save_method_run(out, MethodRun("GD", unlearned, info, lora), model.config, source_dir=small.path)
     flat_in, flat_out = traverse_util.flatten_dict(params), traverse_util.flatten_dict(unlearned)
     assert set(flat_in) == set(flat_out)
     for k, v in flat_in.items():
         assert flat_out[k].shape == v.shape and flat_out[k].dtype == v.dtype and np.isfinite(np.asarray(flat_out[k])).all()
     changed = {"/".join(k) for k, v in flat_in.items() if not np.array_equal(np.asarray(v), np.asarray(flat_out[k]))}
     assert changed
-    if bl.BASELINES[name][1].get("lora", True):  # a merged LoRA touches the LM linears only
+    if bl.BASELINES[name][1].get("lora", True):  # a merged LoRA touches the LM linears only, and is returned
+        assert lora is not None and info["lora_merge_weight"] == 1.0
+        merged = traverse_util.flatten_dict(lora_lib.merge(params, lora))
+        for k, v in merged.items():
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_out[k]), err_msg="/".join(k))
         assert all(k.split("/")[-1] == "kernel" and "/".join(k.split("/")[:-1]) in
                    lora_lib.target_paths(params, lora_lib.LM_LINEARS) for k in changed)
+    else:  # full-parameter training: no adapter exists
+        assert lora is None and "lora_merge_weight" not in info
     expected = {"ga": (3, 0), "npo": (3, 0), "gd": (1, 2), "kl": (1, 2), "mmunlearner": (1, 2)}[name]
     assert set(info["history"][0]) >= {"loss", "grad_norm", "forget_nll"}
     assert (info["steps"], info["forget_steps"], info["retain_steps"]) == (3, *expected)
@@ -460,7 +450,8 @@ def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
         assert info["mask_seconds"] > 0 and 0 < info["mask_report"]["selected_fraction"] <= 1
         assert any(k.startswith("llm/embed") for k in changed)  # the reference leaves non-linears unmasked
     if out is not None:
-        assert (out / "model" / "config.json").exists() and (out / "info.json").exists()
+        assert (out / "model" / "config.json").exists() and (out / "artifacts" / "meta.json").exists()
+        assert (out / "adapter" / "adapter_config.json").exists()  # its numbers: tests/test_peft_adapter.py
         _, reloaded, _ = load_pretrained(out / "model")
         for k, v in traverse_util.flatten_dict(reloaded).items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_out[k]))

@@ -366,3 +366,63 @@ def test_test_set_must_cover_forget_ids(tmp_path):
 def test_config_features_match_card():
     for config in CARD_SCHEMA:
         assert M.config_features(config) == card_features(config), config
+
+
+# ------------------------------------------------------------------ on-disk layouts
+
+
+def _relayout(root: Path, nested: bool, test_shards: int = 1) -> Path:
+    """Rewrite each config as `<config>/train/0000.parquet` (the Hub's parquet-converter layout) when `nested`,
+    and Test_Set as `test_shards` files (rows split in order, schema and its metadata kept)."""
+    import pyarrow.parquet as pq
+
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        (file,) = folder.glob("*.parquet")
+        table = pq.read_table(file)
+        file.unlink()
+        shards = test_shards if folder.name == "Test_Set" else 1
+        bounds = [round(k * table.num_rows / shards) for k in range(shards + 1)]
+        for k in range(shards):
+            part = table.slice(bounds[k], bounds[k + 1] - bounds[k])
+            name = f"{k:04d}.parquet" if nested else f"train-{k:05d}-of-{shards:05d}.parquet"
+            target = folder / "train" / name if nested else folder / name
+            target.parent.mkdir(exist_ok=True)
+            pq.write_table(part, target)
+    return root
+
+
+@pytest.mark.parametrize("nested, shards", [(True, 1), (True, 2), (False, 2)],
+                         ids=["parquet-converter", "parquet-converter, sharded Test_Set", "sharded Test_Set"])
+def test_every_layout_loads_the_same_benchmark(fixture_root, tmp_path, nested, shards):
+    import dataclasses
+
+    root = _relayout(write_fixture(tmp_path), nested, shards)
+    assert len(list((root / "Test_Set").rglob("*.parquet"))) == shards
+    assert M.list_configs(root) == M.list_configs(fixture_root)
+    assert M.available_forget_ratios(root) == (5, 10)
+    expected = M.load_benchmark(fixture_root, 5)
+    assert M.load_benchmark(root, 5) == dataclasses.replace(expected, root=str(root))
+
+
+@pytest.mark.parametrize("config, ratio", [("forget_5", 5), ("Test_Set", 5), ("retain_90", 10)])
+def test_a_config_folder_without_parquet_files_is_named(tmp_path, config, ratio):
+    root = write_fixture(tmp_path)
+    for file in (root / config).glob("*.parquet"):
+        file.unlink()
+    (root / config / "train").mkdir()  # an empty parquet-converter folder too
+    (root / config / "README.md").write_text("not data")
+    with pytest.raises(M.BenchmarkFormatError) as info:
+        M.load_benchmark(root, ratio)
+    message = str(info.value)
+    assert message.startswith(f"{root / config}: the config folder holds no parquet files"), message
+    assert f"{config}/*.parquet and {config}/train/*.parquet" in message and f"forget ratio {ratio}" in message
+    assert config not in M.list_configs(root)
+
+
+def test_a_config_in_both_layouts_is_refused(tmp_path):
+    root = write_fixture(tmp_path)
+    (root / "forget_5" / "train").mkdir()
+    (root / "forget_5" / "train-00000-of-00001.parquet").rename(root / "forget_5" / "train" / "0000.parquet")
+    write_fixture(tmp_path)  # and the top-level file again
+    with pytest.raises(M.BenchmarkFormatError, match=r"forget_5: holds the train split twice"):
+        M.load_benchmark(root, 5)

@@ -26,13 +26,7 @@ from vleraser_jax.models.llava import LlavaForConditionalGeneration
 from vleraser_jax.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """Compiles dominate these tests: skip XLA's optimisation passes here only (numerics unchanged)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # conftest: compiles dominate these runs
 
 
 def flat(tree) -> dict[str, object]:
@@ -378,7 +372,7 @@ def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp
 
     seen = {"vanilla": None, "evaluated": []}
 
-    def fake_run_method(c, method, model, params, processor, bench, *, log=print):
+    def fake_run_method(c, method, model, params, processor, bench, *, log=print, run_dir=None):
         # an "unlearning" that only damps the projector: what the reload diagnostic is built to catch
         seen["vanilla"] = params
         unlearned = {**params, "projector": jax.tree_util.tree_map(lambda x: 0.5 * x, params["projector"])}

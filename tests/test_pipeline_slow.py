@@ -38,6 +38,9 @@ def test_micro_pipeline_end_to_end(tmp_path):
         assert set(results) == {"forget", "test", "retain", "real"}
     assert (report_dir / "runs" / "vl_eraser" / "model" / "config.json").exists()
     assert (report_dir / "runs" / "vl_eraser" / "artifacts" / "meta.json").exists()
+    for method in ("vl_eraser", "ga"):  # every LoRA run: its PEFT adapter and its training log
+        assert (report_dir / "runs" / method / "adapter" / "adapter_model.safetensors").exists()
+        assert (report_dir / "runs" / method / "train.jsonl").read_text().count("\n") >= 1
     # the cached stages are reused, not retrained
     before = stage_dir(c, "vanilla").stat().st_mtime
     assert run_stage(c, "vanilla", log=lambda *_: None) == stage_dir(c, "vanilla")
@@ -72,6 +75,9 @@ def test_micro_pipeline_on_qwen2vl(tmp_path):
         assert set(results_of_method) == {"forget", "test", "retain", "real"}
     diagnostics = results["diagnostics"]
     assert diagnostics["VL-Eraser"]["reload"]["family"] == "qwen2_vl"
+    runs = report_dir / "runs"
+    assert (runs / "vl_eraser" / "adapter" / "adapter_config.json").exists()
+    assert (runs / "mmunlearner" / "info.json").exists() and not (runs / "mmunlearner" / "adapter").exists()
     assert {"reload", "quantize", "relearn", "cost"} <= set(diagnostics["MMUnlearner"])
     report = (report_dir / "report.md").read_text()
     for heading in ("## Diagnostic: vanilla modules reloaded", "## Attack: weight quantization", "## Cost"):

@@ -66,6 +66,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export_adapter(args) -> int:
+    from .experiment.artifacts import export_adapter
+
+    out = export_adapter(args.run_dir, args.out)
+    print(f"wrote the PEFT adapter {out} (how to merge it: {out / 'README.md'})")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .eval.curves import find_train_log, plot_training_curves
+
+    log = find_train_log(args.run_dir)
+    print(f"wrote {plot_training_curves(log, args.out)} from {log}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import jax
     from PIL import Image
@@ -252,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_commands(sub) -> None:
-    """inspect, convert, generate, data synth: single checkpoints and the benchmark."""
+    """inspect, convert, export-adapter, plot, generate, data synth: single checkpoints, runs and the benchmark."""
     p = sub.add_parser("inspect", help="load a local HF checkpoint and summarise it")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_inspect)
@@ -264,6 +280,16 @@ def _checkpoint_commands(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-adapter", help="a method run's LoRA as a PEFT adapter for the vanilla torch model")
+    p.add_argument("run_dir", help="a method run directory (<report dir>/runs/<method>)")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export_adapter)
+
+    p = sub.add_parser("plot", help="draw a run's training curves (loss, lr, grad norm, throughput) to PNG")
+    p.add_argument("run_dir", help="a method run directory, a stage's model directory, or a train.jsonl")
+    p.add_argument("--out", help="PNG path (default: the log's path with .png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("generate", help="answer questions (optionally about images) with a local checkpoint")
     p.add_argument("checkpoint")

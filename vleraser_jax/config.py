@@ -121,6 +121,9 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.eval.letter_rule = "first_char"
     c.eval.likelihood_max_length = max_length
 
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = False  # also TensorBoard events beside the JSONL metric logs (needs tensorboardX)
+
     # One mesh over every device: -1 fills. Override e.g. --config.mesh.fsdp=4 --config.mesh.tensor=2.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

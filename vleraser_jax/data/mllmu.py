@@ -2,9 +2,11 @@
 
 The synthetic benchmark (`synthetic.py`) writes the same layout, so this one loader serves both.
 
-Layout: one folder per config under `root`, holding the parquet files of its `train` split
-(`forget_5/train-00000-of-00001.parquet`; a folder with several files, as Test_Set may have, is
-read whole). Nothing is downloaded: files are read with `datasets.Dataset.from_parquet`.
+Layout: one folder per config under `root`, holding the parquet files of its `train` split, either
+directly (`forget_5/train-00000-of-00001.parquet`, the dataset repo's layout) or in a `train/` subfolder
+(`forget_5/train/0000.parquet`, the Hub's parquet-converter layout, which older revisions of MLLMU-Bench
+use). Several files, as a sharded Test_Set has, are read as one split. Nothing is downloaded: files are
+read with `datasets.Dataset.from_parquet`.
 
 Schema (from the dataset card's `dataset_info` and the reference code, YokeYao/MLLMU-Bench
 `eval.py` / `data_process/data_preprocess.py`, franciscoliu/oct_arr_mllmu_bench `data/data_split.py`):
@@ -183,10 +185,29 @@ def config_features(config: str):
 
 
 def _parquet_files(folder: Path) -> list[Path]:
-    """The `train` split's files of a config folder (every parquet file when none is named train-*)."""
+    """The `train` split's files of a config folder: `train*.parquet` in it, else `train/*.parquet`
+    (parquet-converter), else every parquet file in it; [] when it holds none."""
     files = sorted(folder.glob("*.parquet"))
     train = [f for f in files if f.name.startswith("train")]
-    return train or files
+    nested = sorted((folder / "train").glob("*.parquet"))
+    if train and nested:
+        raise BenchmarkFormatError(f"{folder}: holds the train split twice ({train[0].name} and "
+                                   f"train/{nested[0].name}); keep one layout")
+    return train or nested or files
+
+
+def config_files(root: str | os.PathLike, config: str, needed_for: str = "") -> list[Path]:
+    """The parquet files of `config` under `root`. A missing folder raises FileNotFoundError, a folder without
+    parquet files BenchmarkFormatError; both name the folder."""
+    folder = Path(root) / config
+    why = f" (needed for {needed_for})" if needed_for else ""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{Path(root)}: missing config folder {config!r}{why}")
+    files = _parquet_files(folder)
+    if not files:
+        raise BenchmarkFormatError(f"{folder}: the config folder holds no parquet files{why} (looked for "
+                                   f"{config}/*.parquet and {config}/train/*.parquet)")
+    return files
 
 
 def list_configs(root: str | os.PathLike) -> tuple[str, ...]:
@@ -238,10 +259,7 @@ def read_config(
     """
     from datasets import Dataset
 
-    folder = Path(root) / config
-    files = _parquet_files(folder) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{Path(root)}: missing config folder {config!r} (expected {config}/train-*.parquet)")
+    files = config_files(root, config)
     import pyarrow.parquet as pq
 
     try:
@@ -252,7 +270,8 @@ def read_config(
             ds = Dataset.from_parquet([str(f) for f in files], cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as e:  # corrupt file, mismatched shards: name the config and the root cause
         cause = e.__cause__ or e
-        raise BenchmarkFormatError(f"{config}: cannot read {[f.name for f in files]}: {cause}") from e
+        names = [str(f.relative_to(Path(root) / config)) for f in files]
+        raise BenchmarkFormatError(f"{config}: cannot read {names}: {cause}") from e
     table = ds.with_format("arrow")
     if ids is None:
         index = list(range(len(ds)))
@@ -510,14 +529,15 @@ def load_benchmark(
         raise BenchmarkFormatError(f"forget_ratio={forget_ratio!r}; expected an integer percentage in 1..99")
     ratios = available_forget_ratios(base)
     if forget_ratio not in ratios:
+        if (base / forget_config(forget_ratio)).is_dir():  # there, but without parquet files: say so
+            config_files(base, forget_config(forget_ratio), f"forget ratio {forget_ratio}")
         raise BenchmarkFormatError(
             f"forget ratio {forget_ratio} is not available under {base}: no {forget_config(forget_ratio)} "
             f"config (available ratios: {list(ratios)})"
         )
     f_cfg, r_cfg = forget_config(forget_ratio), retain_config(forget_ratio)
     for cfg in (r_cfg, TEST_SET, RETAIN_SET, FT_DATA):  # fail before reading anything large
-        if not (base / cfg).is_dir() or not _parquet_files(base / cfg):
-            raise FileNotFoundError(f"{base}: missing config folder {cfg!r} (needed for forget ratio {forget_ratio})")
+        config_files(base, cfg, f"forget ratio {forget_ratio}")
     kw = dict(verify_images=verify_images, cache_dir=cache_dir)
 
     forget = load_profiles(base, f_cfg, **kw)

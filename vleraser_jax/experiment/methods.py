@@ -4,15 +4,18 @@ the config's `vl_eraser` / `baselines` sections, and one function that runs any 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from ..eval.evaluate import EvalConfig
 from ..parallel import sharder_for
+from ..train.workspace import tensorboard_on
 from ..unlearn import vl_eraser as vle
 from ..unlearn.baselines import BASELINES, BaselineConfig, baseline_config, reference_run_settings, unlearn_baseline
-from ..unlearn.trainer import RunSettings
+from ..unlearn.trainer import LOG_NAME, RunSettings
 
 METHODS = {
     # name in the report, VLEraserConfig changes relative to the config's vl_eraser section
@@ -26,8 +29,9 @@ RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunSettings))
 
 @dataclasses.dataclass
 class MethodRun:
-    """One method's result: the unlearned parameters, its info (timings, history, settings), and for VL-Eraser
-    the LoRA and vacuum projectors it deleted."""
+    """One method's result: the unlearned parameters, its info (timings, history, settings), the LoRA it trained
+    (VL-Eraser's is the one it deleted, a baseline's the one it merged; None for full-parameter training) and
+    VL-Eraser's vacuum projectors."""
 
     title: str
     params: Any
@@ -46,18 +50,35 @@ def section(c, name: str) -> dict:
     return dict(found) if found is not None else {}
 
 
-def run_method(c, method: str, model, params, processor, bench, *, log=print) -> MethodRun:
-    """One method by name (VL-Eraser variant or baseline) on `bench`'s forget set, with the config's settings."""
+def training_logs(c, run_dir) -> dict:
+    """The trainer's log paths for a method run in `run_dir`: `train.jsonl` and, with `c.log.tensorboard`,
+    `tensorboard/`; a previous run's logs there are removed (method runs start afresh, they never resume)."""
+    tensorboard = tensorboard_on(c)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOG_NAME).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    return {"log_path": str(run_dir / LOG_NAME),
+            "tensorboard_dir": str(run_dir / "tensorboard") if tensorboard else None}
+
+
+def run_method(c, method: str, model, params, processor, bench, *, log=print, run_dir=None) -> MethodRun:
+    """One method by name (VL-Eraser variant or baseline) on `bench`'s forget set, with the config's settings.
+
+    run_dir: where the method's training logs go (`training_logs`); None: no logs (sweeps)."""
     sharding = sharder_for(c)
+    logs = training_logs(c, run_dir) if run_dir is not None else {}
     if method in METHODS:
         title, cfg, run = method_config(c, method)
         unlearned, lora, projectors, info = vle.unlearn_vl_eraser(
-            model, params, processor, bench.forget_train, bench.retain_train, cfg, run, sharding=sharding, log=log)
+            model, params, processor, bench.forget_train, bench.retain_train, cfg, run, sharding=sharding, log=log,
+            **logs)
         return MethodRun(title, unlearned, info, lora, projectors)
     title, settings, run = baseline_method_config(c, method)
-    unlearned, info = unlearn_baseline(model, params, processor, bench.forget_train, bench.retain_train, method,
-                                       settings, run, full_rows=bench.full_train, sharding=sharding, log=log)
-    return MethodRun(title, unlearned, info)
+    unlearned, lora, info = unlearn_baseline(model, params, processor, bench.forget_train, bench.retain_train, method,
+                                             settings, run, full_rows=bench.full_train, sharding=sharding, log=log,
+                                             **logs)
+    return MethodRun(title, unlearned, info, lora)
 
 
 def baseline_method_config(c, method: str) -> tuple[str, BaselineConfig, RunSettings]:

@@ -22,7 +22,7 @@ from ..eval.unlearning import minimum_detectable, unlearning_summary
 from ..parallel import sharder_for
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root, model_runtime, oracle_enabled, prepare_data
+from ..train.workspace import data_root, model_runtime, oracle_enabled, prepare_data, tensorboard_on
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
 from .methods import eval_config, run_method, section
@@ -169,6 +169,7 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     when it has none), e.g. {"relearn": False}. Each method's wall time is always recorded (the cost table).
     """
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
+    tensorboard_on(c)  # fails early when TensorBoard logging is on without tensorboardX
     exp = prepare_experiment(c, log)
     part = exp.timings.part
     done = load_diagnostics(exp.report_dir)
@@ -177,15 +178,16 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     for method in methods:
         log(f"== {method}")
         t0 = time.perf_counter()
+        run_dir = exp.report_dir / "runs" / method
         with part(f"{method}: unlearn"):
-            run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log)
+            run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log, run_dir=run_dir)
         wall = time.perf_counter() - t0
         timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
         # a baseline's total_seconds already sums its other parts: listing it would count them twice
         cost = {"run": run_id, "wall_seconds": wall,
                 "parts": {k: v for k, v in timings[run.title].items() if k != "total_seconds"}}
         with part(f"{method}: save, evaluate, compare"):
-            save_method_run(exp.report_dir / "runs" / method, run, exp.model.config, source_dir=exp.meta["vanilla"])
+            save_method_run(run_dir, run, exp.model.config, source_dir=exp.meta["vanilla"])
             results, items, membership = exp.score(run.params)
             write_report(exp.report_dir, run.title, results, {**exp.meta, "timings_s": timings},
                          diagnostics={"cost": cost}, items=items,

@@ -20,7 +20,7 @@ from ..unlearn.adapter import full_training_state, lm_loss_fn, lora_training_sta
 from .recipes import training_sources
 from .tiny_models import init_from_scratch, model_config
 from .workspace import (STAGES, model_runtime, oracle_enabled, prepare_data, processor_dir, stage_dir, stage_key,
-                        vanilla_from_oracle)
+                        tensorboard_on, vanilla_from_oracle)
 
 
 def stage_steps(sc, rows: int) -> int:
@@ -52,7 +52,7 @@ def _starting_model(c, stage: str, tok_dir: Path, out: Path, sharding, log):
     return model, params, config, base_dir
 
 
-def _train_config(c, stage: str, sc, steps: int, out: Path, force: bool) -> tr.TrainConfig:
+def _train_config(c, stage: str, sc, steps: int, out: Path, force: bool, tensorboard: bool) -> tr.TrainConfig:
     defaults = tr.TrainConfig(total_steps=steps)
     save_every = sc.get("save_every", 0)
     checkpoints = out.with_name(out.name + ".ckpt")
@@ -65,7 +65,8 @@ def _train_config(c, stage: str, sc, steps: int, out: Path, force: bool) -> tr.T
         lr_multipliers=tuple((str(pattern), float(f)) for pattern, f in sc.get("lr_multipliers", ())),
         # periodic orbax saves make a long (7B) run resumable: rerunning the command continues it
         checkpoint_dir=str(checkpoints) if save_every else None, save_every=save_every,
-        description=f"{stage} model", log_path=str(out.with_name(out.name + ".train.jsonl")),
+        description=f"{stage} model", log_path=str(out.with_name(f"{out.name}.{tr.LOG_NAME}")),
+        tensorboard_dir=str(out.with_name(out.name + ".tensorboard")) if tensorboard else None,
     )
 
 
@@ -109,6 +110,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     if (out / "config.json").exists() and not force:
         log(f"{stage}: reusing {out}")
         return out
+    tensorboard = tensorboard_on(c)  # on but not installed: fail before any work
     root, tok_dir = prepare_data(c, log)
     if c.data.source != "synthetic" and not c.model.get("checkpoint"):
         raise ValueError(f"model.checkpoint must be set (a local Hugging Face model directory) to train on "
@@ -123,7 +125,7 @@ def run_stage(c, stage: str, *, force: bool = False, log=print) -> Path:
     schedule = BatchSchedule(sources, sc.batch_size, steps, c.seed, length_buckets=sc.get("length_buckets", 1))
     log(f"{stage}: {' + '.join(str(len(d)) for d, _ in sources)} rows tokenized in {time.perf_counter() - t0:.1f} s; "
         f"batch shapes {schedule.shapes}, {schedule.padding_fraction():.0%} padding")
-    train_cfg = _train_config(c, stage, sc, steps, out, force)
+    train_cfg = _train_config(c, stage, sc, steps, out, force, tensorboard)
     out.parent.mkdir(parents=True, exist_ok=True)  # the logs sit beside the model
     params, result = _train(c, model, params, sc, schedule, train_cfg, sharding)
     save_pretrained(params, config, out, copy_files_from=tok_dir)

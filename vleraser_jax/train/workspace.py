@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ..data import synthetic
+from ..unlearn.trainer import require_tensorboard
 
 
 STAGES = ("base", "oracle", "vanilla")
@@ -22,6 +23,14 @@ _EXECUTION_ONLY_STAGE_FIELDS = ("save_every",)
 
 
 # ------------------------------------------------------------------ config -> paths, model
+
+
+def tensorboard_on(c) -> bool:
+    """`c.log.tensorboard` (off without a `log` section); when on, tensorboardX must be installed (ConfigError)."""
+    on = bool((c.get("log") or {}).get("tensorboard", False))
+    if on:
+        require_tensorboard()
+    return on
 
 
 def _plain(config) -> dict:

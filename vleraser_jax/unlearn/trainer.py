@@ -4,7 +4,8 @@ A method supplies `loss_fn(frozen, trainable, batch, rng) -> (loss, aux)`: `trai
 optimizer updates (a parameter subset, a LoRA tree, ...), `frozen` everything else it needs. The
 trainer owns the optimizer (optax AdamW, warmup + decay, global-norm clipping, gradient accumulation
 with `optax.MultiSteps`), the jitted step (state donated), orbax checkpoints with exact resume, a
-progress bar, a JSONL metric log, and the refusal to go on after a non-finite loss or gradient.
+progress bar, a JSONL metric log (and TensorBoard scalars, with tensorboardX), and the refusal to go
+on after a non-finite loss or gradient.
 
 Batches come from `batch_fn(step) -> batch`, a pure function of the step, so a resumed run sees exactly
 the batches an uninterrupted one would.
@@ -27,7 +28,10 @@ import optax
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from ..models.configs import ConfigError
 from ..processing import IGNORE_INDEX
+
+LOG_NAME = "train.jsonl"  # a method run's metric log in its run directory; a stage's is `<stage dir>.train.jsonl`
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,7 +59,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     save_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
     keep_checkpoints: int = 2
-    log_path: str | None = None  # JSONL metrics
+    log_path: str | None = None  # JSONL metrics, one object per logged step (appended: a resumed run continues it)
+    tensorboard_dir: str | None = None  # the same scalars as TensorBoard events (needs tensorboardX)
     progress: bool = True
     description: str = "training"
 
@@ -261,6 +266,41 @@ def _save(manager, state: TrainState) -> None:
     manager.wait_until_finished()
 
 
+def require_tensorboard():
+    """tensorboardX's SummaryWriter, or a ConfigError saying how to get it (it is an optional extra)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError("TensorBoard logging is on (log.tensorboard) but tensorboardX is not installed: "
+                          "pip install 'vleraser_jax[tensorboard]' (tensorboardX), or set "
+                          "--config.log.tensorboard=False") from None
+    return SummaryWriter
+
+
+class MetricLog:
+    """Where logged steps go: the JSONL file and, optionally, TensorBoard scalars `train/<metric>`."""
+
+    def __init__(self, cfg: TrainConfig):
+        writer = require_tensorboard() if cfg.tensorboard_dir else None  # before the file: fail with nothing opened
+        self.jsonl = open(cfg.log_path, "a") if cfg.log_path else None
+        self.tensorboard = writer(logdir=cfg.tensorboard_dir) if writer else None
+
+    def write(self, record: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        for out in (self.jsonl, self.tensorboard):
+            if out is not None:
+                out.close()
+
+
 @dataclasses.dataclass
 class TrainResult:
     trainable: Any
@@ -299,7 +339,7 @@ def train(
     step_fn = make_train_step(loss_fn, tx, sharding)
     schedule = learning_rate_schedule(cfg)
     history: list[dict] = []
-    log = open(cfg.log_path, "a") if cfg.log_path else None
+    log = MetricLog(cfg)
     start_step = int(state.step)
     bar = tqdm(total=cfg.total_steps, initial=start_step, desc=cfg.description, unit="step",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -326,9 +366,7 @@ def train(
                           "examples_per_s": window_items / max(elapsed, 1e-9), **metrics}
                 window_start, window_items = time.perf_counter(), 0
                 history.append(record)
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.1f}")
             bar.update(1)
             if saving:
@@ -337,8 +375,7 @@ def train(
                 break
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
         if manager is not None:
             manager.close()
     return TrainResult(state.trainable, history, time.perf_counter() - t0, resumed_from)

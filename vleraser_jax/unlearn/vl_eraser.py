@@ -180,13 +180,17 @@ def vacuum_projectors_for(model, params, processor, retain_rows, cfg: VLEraserCo
 
 def unlearn_vl_eraser(model, params, processor, forget_rows: Sequence[mllmu.TrainingRow],
                       retain_rows: Sequence[mllmu.TrainingRow], cfg: VLEraserConfig, run: tr.RunSettings, *,
-                      sharding=None, log=print) -> tuple[Any, dict, dict | None, dict]:
+                      sharding=None, log=print, log_path=None,
+                      tensorboard_dir=None) -> tuple[Any, dict, dict | None, dict]:
     """VL-Eraser: vacuum projectors from `retain_rows`' images, distillation on `forget_rows`, deletion.
 
-    Returns (unlearned params, the trained LoRA, the vacuum projectors or None, info with timings and history).
+    Returns (unlearned params, the trained LoRA, the vacuum projectors or None, info with timings and history;
+    info["lora_merge_weight"] = −strength: the unlearned model is the params plus that weight times the LoRA).
     sharding: a `parallel.Sharder`: retain statistics, distillation and the deletion run sharded over its mesh.
+    log_path / tensorboard_dir: the distillation's metric log (`TrainConfig`).
     """
-    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)}
+    info: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(run),
+                            "lora_merge_weight": -float(cfg.deletion_strength)}
     projectors = None
     if cfg.vacuum:
         projectors, vacuum_info = vacuum_projectors_for(model, params, processor, retain_rows, cfg,
@@ -201,7 +205,8 @@ def unlearn_vl_eraser(model, params, processor, forget_rows: Sequence[mllmu.Trai
                          b_std=cfg.lora_b_std)
     trainable, frozen = lora_training_state(params, lora, projectors)
     train_cfg = tr.TrainConfig(total_steps=run.steps, learning_rate=run.learning_rate, warmup_steps=run.warmup_steps,
-                               seed=run.seed, log_every=max(run.steps // 20, 1), description="VL-Eraser distillation")
+                               seed=run.seed, log_every=max(run.steps // 20, 1), description="VL-Eraser distillation",
+                               log_path=log_path, tensorboard_dir=tensorboard_dir)
     result = tr.train(distillation_loss_fn(model, cfg), trainable, frozen, schedule, train_cfg, sharding=sharding)
     info["distill_seconds"] = result.seconds
     info["distill_history"] = result.history

@@ -95,9 +95,12 @@ def unlearn_baseline(
     progress: bool = True,
     log=print,
     sharding=None,
-) -> tuple[Any, dict]:
+    log_path=None,
+    tensorboard_dir=None,
+) -> tuple[Any, dict | None, dict]:
     """Baseline `name` trained on `forget_rows` (and `retain_rows` where it has retain steps); returns
-    (unlearned params, info with timings and history).
+    (unlearned params, the trained LoRA or None for a full-parameter run, info with timings and history;
+    with a LoRA, info["lora_merge_weight"] = 1: the unlearned model is the params plus the LoRA).
 
     settings: a BaselineConfig, or a dict of fields over the registry defaults (None: the defaults).
     run: the optimizer settings (`steps` used when settings.epochs is None); None: `reference_run_settings(name)`.
@@ -105,6 +108,7 @@ def unlearn_baseline(
     ref_params: NPO's reference model (e.g. a retain-only fine-tune; None: the vanilla `params`). The returned
     parameters have the input's structure (a LoRA is merged into the kernels).
     sharding: a `parallel.Sharder`: Fisher statistics and every training step run sharded over its mesh.
+    log_path / tensorboard_dir: the training's metric log (`TrainConfig`).
     """
     t_start = time.perf_counter()
     title, cfg = baseline_config(name, settings)
@@ -130,13 +134,16 @@ def unlearn_baseline(
         total_steps=len(plan), learning_rate=run.learning_rate, schedule=cfg.lr_schedule,
         warmup_steps=run.warmup_steps, end_lr_factor=0.0, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
         max_grad_norm=cfg.max_grad_norm, seed=run.seed, log_every=max(len(plan) // 20, 1),
-        progress=progress, description=title,
+        progress=progress, description=title, log_path=log_path, tensorboard_dir=tensorboard_dir,
     )
     result = tr.train(baseline_loss_fn(adapter, cfg), trainable, frozen, batch_fn, train_cfg, sharding=sharding)
     info["train_seconds"] = result.seconds
     info["history"] = result.history
     t0 = time.perf_counter()
     unlearned = adapter.unlearned_params(frozen, result.trainable)
+    lora = tr.merge(result.trainable, frozen["lora_scales"]) if cfg.lora else None
+    if lora is not None:
+        info["lora_merge_weight"] = 1.0
     jax.block_until_ready(unlearned)
     info["merge_seconds"] = time.perf_counter() - t0
     info["total_seconds"] = time.perf_counter() - t_start
@@ -144,4 +151,4 @@ def unlearn_baseline(
     log(f"{title}: {len(plan)} steps ({batch_fn.forget_steps} forget, {batch_fn.retain_steps} retain) in "
         f"{result.seconds:.1f} s; last "
         + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k in ("loss", "forget_nll", "retain_nll", "kl")))
-    return unlearned, info
+    return unlearned, lora, info
