@@ -66,7 +66,7 @@ def setup(small):
 
 def lora_state(params, b_std, seed=0):
     """A LoRA (adapter, trainable, frozen) whose b is N(0, b_std): θ ≠ vanilla when b_std > 0."""
-    cfg = bl.BaselineConfig(method="gd", order="sequential")
+    cfg = bl.BaselineConfig(method="gd", order="sequential", lora_pattern=lora_lib.LM_LINEARS)
     adapter, trainable, frozen = bl.prepare(None, params, cfg, jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed + 1)
     flat = {k: (jnp.asarray(b_std * rng.standard_normal(v.shape), jnp.float32) if k[-1] == "b" else v)
@@ -130,7 +130,8 @@ def forget_grads(lora_case):
         return {
             "ga": grad(lambda t: loss_of(adapter, "ga")(frozen, t, forget, None)[0]),
             "nll": grad(lambda t: tr.causal_lm_loss(adapter.logits(frozen, t, batch), batch["labels"])),
-            "npo_beta_to_0": grad(lambda t: loss_of(adapter, "npo", beta=1e-6)(frozen, t, forget, None)[0]),
+            "npo_beta_to_0": grad(lambda t: loss_of(adapter, "npo", beta=1e-6, npo_nll="batch_mean")(
+                frozen, t, forget, None)[0]),
             "npo_losses": {r: loss_of(adapter, "npo", beta=0.4, npo_nll=r)(frozen, t, forget, None) for r in bl.NPO_NLL},
             "logits": adapter.logits(frozen, t, batch),
             "ref_logits": adapter.reference_logits(frozen, batch),
@@ -273,28 +274,33 @@ def test_mask_selects_exactly_forget_over_retain_fisher_at_least_one(fishers):
     assert 0 < report["selected_fraction"] < 1
 
 
-def test_masked_forget_step_leaves_unselected_weights_unchanged(setup):
+def test_masked_forget_step_clips_then_masks_as_the_reference(setup):
+    """MMUnlearner's forget step (MLLMU_manifold.py): the whole gradient clipped to norm c (torch's
+    clip_grad_norm_: × min(1, c / (‖g‖ + 1e-6))), then multiplied by the mask; unselected weights do not move
+    in one AdamW step from fresh moments. A retain step is clipped and not masked."""
     model, params, _, forget, retain = setup
     cfg = bl.BaselineConfig(method="mmunlearner", lora=False, trainable=LM_LINEAR_PARAMS, order="interleaved")
     mask = random_mask(params)
     adapter, trainable, frozen = bl.prepare(model, params, cfg, mask=mask)
     loss_fn = bl.baseline_loss_fn(adapter, cfg)
     batch = {"forget": forget[0]}
-
-    @jax.jit
-    def two(t):
-        return (jax.grad(lambda t: loss_fn(frozen, t, batch, None)[0])(t),
-                jax.grad(lambda t: -tr.causal_lm_loss(adapter.logits(frozen, t, forget[0]), forget[0]["labels"]))(t))
-
-    grads, plain = two(trainable)
-    flat_mask = traverse_util.flatten_dict(mask)
+    plain = jax.jit(jax.grad(lambda t: -tr.causal_lm_loss(adapter.logits(frozen, t, forget[0]), forget[0]["labels"])))(
+        trainable)
+    c = 0.05
+    hook = bl.clip_then_mask(c)
+    grads = jax.jit(lambda g: hook(g, frozen, batch))(plain)
+    norm = np.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree_util.tree_leaves(plain)))
+    assert norm > c  # the clip is active
+    flat_mask, flat_plain = traverse_util.flatten_dict(mask), traverse_util.flatten_dict(plain)
     for k, g in traverse_util.flatten_dict(grads).items():
         m = np.asarray(flat_mask[k])
         np.testing.assert_array_equal(np.asarray(g)[~m], 0.0)
-        np.testing.assert_array_equal(np.asarray(g)[m], np.asarray(traverse_util.flatten_dict(plain)[k])[m])
-    # one optimizer step (fresh AdamW moments, no weight decay): unselected weights do not move
-    tx = tr.make_optimizer(tr.TrainConfig(total_steps=2, learning_rate=1e-2, max_grad_norm=1.0))
-    step = tr.make_train_step(loss_fn, tx)
+        np.testing.assert_allclose(np.asarray(g)[m], np.asarray(flat_plain[k])[m] * c / (norm + 1e-6), rtol=1e-5)
+    retain_grads = hook(plain, frozen, {"retain": retain})
+    for k, g in traverse_util.flatten_dict(retain_grads).items():
+        np.testing.assert_allclose(np.asarray(g), np.asarray(flat_plain[k]) * c / (norm + 1e-6), rtol=1e-5)
+    tx = tr.make_optimizer(tr.TrainConfig(total_steps=2, learning_rate=1e-2, max_grad_norm=None))
+    step = tr.make_train_step(loss_fn, tx, gradient_fn=hook)
     state, _ = step(tr.init_state(trainable, tx, 0), frozen, batch)
     moved = 0
     for k, new in traverse_util.flatten_dict(state.trainable).items():
@@ -373,8 +379,13 @@ def test_step_plans_follow_the_reference_loops():
 
 def test_registry_and_config_validation():
     assert set(bl.BASELINES) == set(bl.METHOD_NAMES)
-    title, cfg = bl.baseline_config("npo", {"beta": 0.1, "npo_nll": "sequence"})
-    assert title == "NPO" and cfg.beta == 0.1 and cfg.lora and cfg.lora_rank == 16 and cfg.lora_alpha == 16
+    title, cfg = bl.baseline_config("npo")
+    assert title == "NPO" and cfg.beta == 0.1 and cfg.npo_nll == "sequence" and cfg.order == "paired"
+    assert cfg.lora and cfg.lora_rank == 16 and cfg.lora_alpha == 16
+    _, mllmu = bl.baseline_config("npo", variant="mllmu")
+    assert (mllmu.beta, mllmu.npo_nll, mllmu.order) == (0.4, "batch_mean", "forget")
+    assert bl.baseline_config("gd")[1].order == "paired" and bl.baseline_config("gd", variant="mllmu")[1].order == "sequential"
+    assert bl.baseline_config("mmunlearner")[1].fisher_sets == "mmunlearner"
     assert bl.baseline_config("mmunlearner")[1].lora is False
     run = bl.reference_run_settings("gd")
     assert (run.batch_size, run.learning_rate) == (4, 2e-5)
@@ -419,7 +430,8 @@ def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
     run = tr.RunSettings(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0, max_length=64, seed=0)
     out = tmp_path / name if name == "gd" else None
     # GA forgets the image rows (the vision path); the others text rows, to keep compiles few
-    forget_rows = bench.forget_train if name == "ga" else small.forget_text[:2]
+    # (MMUnlearner's Fisher needs image rows: its preserve sets are image rows)
+    forget_rows = bench.forget_train if name in ("ga", "mmunlearner") else small.forget_text[:2]
     messages = []
     unlearned, lora, info = bl.unlearn_baseline(model, params, processor, forget_rows, bench.retain_train, name,
                                                 {"epochs": None}, run, full_rows=bench.full_train, progress=False,
@@ -432,16 +444,17 @@ def test_unlearn_baseline_runs_end_to_end(e2e, name, tmp_path):
         assert flat_out[k].shape == v.shape and flat_out[k].dtype == v.dtype and np.isfinite(np.asarray(flat_out[k])).all()
     changed = {"/".join(k) for k, v in flat_in.items() if not np.array_equal(np.asarray(v), np.asarray(flat_out[k]))}
     assert changed
-    if bl.BASELINES[name][1].get("lora", True):  # a merged LoRA touches the LM linears only, and is returned
+    if bl.BASELINES[name][1].get("lora", True):  # a merged LoRA touches MLLMU-Bench's PEFT targets, and is returned
         assert lora is not None and info["lora_merge_weight"] == 1.0
         merged = traverse_util.flatten_dict(lora_lib.merge(params, lora))
         for k, v in merged.items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_out[k]), err_msg="/".join(k))
-        assert all(k.split("/")[-1] == "kernel" and "/".join(k.split("/")[:-1]) in
-                   lora_lib.target_paths(params, lora_lib.LM_LINEARS) for k in changed)
+        targets = lora_lib.target_paths(params, lora_lib.MLLMU_PEFT_TARGETS)
+        assert all(k.split("/")[-1] == "kernel" and "/".join(k.split("/")[:-1]) in targets for k in changed)
+        assert any(t.startswith("vision/") for t in targets)  # CLIP's q/k/v, as PEFT's name-suffix match does
     else:  # full-parameter training: no adapter exists
         assert lora is None and "lora_merge_weight" not in info
-    expected = {"ga": (3, 0), "npo": (3, 0), "gd": (1, 2), "kl": (1, 2), "mmunlearner": (1, 2)}[name]
+    expected = {"ga": (3, 0), "npo": (3, 3), "gd": (3, 3), "kl": (3, 3), "mmunlearner": (1, 2)}[name]  # paired
     assert set(info["history"][0]) >= {"loss", "grad_norm", "forget_nll"}
     assert (info["steps"], info["forget_steps"], info["retain_steps"]) == (3, *expected)
     assert info["train_seconds"] > 0 and messages and len(info["history"]) == 3

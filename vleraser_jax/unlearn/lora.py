@@ -20,7 +20,13 @@ from flax import traverse_util
 from ..models.layers import vacuum_project
 
 DOWN_PROJ = r"^llm/layers_(\d+)/mlp/down_proj$"  # VL-Eraser's default: every LM block's FFN output matrix
-LM_LINEARS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)$"  # MLLMU-Bench baselines
+LM_LINEARS = r"^llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)$"  # every LM linear
+# What MLLMU-Bench's baselines adapt: `find_all_linear_names` collects the *base names* of every linear outside
+# `multi_modal_projector` / `vision_model` (q/k/v/o/gate/up/down_proj) and PEFT matches target_modules by name
+# suffix, so CLIP's attention q/k/v_proj get a LoRA too (the projector does not). Qwen2-VL, which its code does
+# not cover, gets the same: every LM linear and its ViT's attention qkv.
+MLLMU_PEFT_TARGETS = (r"^(llm/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
+                      r"|vision/layers_\d+/self_attn/[qkv]_proj|vision/blocks_\d+/attn/qkv)$")
 
 
 def natural_key(path: str) -> list:

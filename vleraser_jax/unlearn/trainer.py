@@ -193,19 +193,25 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 # ------------------------------------------------------------------ the step and the loop
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, sharding=None):
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, sharding=None,
+                    gradient_fn: Callable | None = None):
     """Jitted (state, frozen, batch) -> (state, metrics); the state's buffers are donated.
 
     sharding: a `parallel.Sharder`: the step is then jitted with explicit in/out shardings (state and
     frozen trees by the parameter rules, the batch over the `batch` axis, metrics replicated).
+    gradient_fn: (grads, frozen, batch) -> grads, applied to the raw gradient before the optimizer (e.g.
+    MMUnlearner's clip-then-mask); the logged grad_norm is the raw gradient's.
     """
 
     def step(state: TrainState, frozen, batch):
         rng, sub = jax.random.split(state.rng)
         (loss, aux), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(frozen, state.trainable, batch, sub)
+        raw = grads
+        if gradient_fn is not None:
+            grads = gradient_fn(grads, frozen, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(raw), **aux}
         return TrainState(state.step + 1, trainable, opt_state, rng), metrics
 
     if sharding is None:
@@ -318,6 +324,7 @@ def train(
     *,
     stop_after: int | None = None,
     sharding=None,
+    gradient_fn: Callable | None = None,
 ) -> TrainResult:
     """Run `cfg.total_steps` micro-steps (resuming from `cfg.checkpoint_dir` if it holds a checkpoint).
 
@@ -336,7 +343,7 @@ def train(
         restored = _restore(manager, state)
         if restored is not None:
             state, resumed_from = restored, int(restored.step)
-    step_fn = make_train_step(loss_fn, tx, sharding)
+    step_fn = make_train_step(loss_fn, tx, sharding, gradient_fn)
     schedule = learning_rate_schedule(cfg)
     history: list[dict] = []
     log = MetricLog(cfg)

@@ -32,10 +32,10 @@ class BaselineConfig:
 
     method: str = "ga"
     # --- what is trained
-    lora: bool = True  # LoRA on `lora_pattern` (MLLMU-Bench: r16 α16 on every LM linear) or full parameters
+    lora: bool = True  # LoRA on `lora_pattern` (MLLMU-Bench: r16 α16) or full parameters
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    lora_pattern: str = lora_lib.LM_LINEARS
+    lora_pattern: str = lora_lib.MLLMU_PEFT_TARGETS  # every LM linear and the vision tower's attention q/k/v
     lora_a_std: float | None = None  # None: 1/rank, PEFT's init_lora_weights="gaussian" (B starts at 0)
     trainable: str = ".*"  # full-parameter mode: regex over '/'-joined parameter paths
     # --- the step schedule
@@ -51,15 +51,16 @@ class BaselineConfig:
     retain_weight: float = 1.0
     kl_weight: float = 1.0
     kl_tokens: str = "attention"  # positions the KL sums over: real tokens, answer tokens, or every position
-    beta: float = 0.4  # NPO (MLLMU-Bench 0.4, open-unlearning 0.1)
-    npo_nll: str = "batch_mean"
+    beta: float = 0.1  # NPO (open-unlearning 0.1, MLLMU-Bench 0.4)
+    npo_nll: str = "sequence"
     # --- MMUnlearner
     mask_pattern: str = lora_lib.LM_LINEARS  # modules whose weights the saliency mask covers
     mask_threshold: float = 1.0
     mask_eps: float = 1e-15
     fisher_batch_size: int = 2  # MLLMU_gen_mask.py's loaders
-    fisher_sets: str = "retain"  # "retain": F on D_f vs D_r; "mmunlearner": F on D_f's image rows vs
-    #                               D_r's image rows + every person's text-only rows (gen_mask's language mask)
+    fisher_sets: str = "mmunlearner"  # "mmunlearner": F on D_f's image rows vs D_r's image rows + every
+    #                                    person's text-only rows (MLLMU_gen_mask.py's language mask); "retain":
+    #                                    F on the training splits D_f vs D_r
 
     def __post_init__(self):
         checks = [("method", METHOD_NAMES), ("order", ORDERS), ("npo_nll", NPO_NLL), ("kl_tokens", KL_TOKENS),
@@ -77,19 +78,31 @@ class BaselineConfig:
             raise ValueError(f"epochs must be > 0 or None, got {self.epochs}")
 
 
-# name -> (report title, BaselineConfig fields). Sources: MLLMU-Bench GA/GA_Difference/KL_Minimization/NPO.py
-# (LoRA r16 α16 on every LM linear, AdamW, no clipping without accumulation, linear lr schedule stepped per
-# batch for GA/NPO but once per epoch for GD/KL, i.e. constant within an epoch), MMUnlearner's
-# MLLMU_manifold.py (full parameters, clip 1.0, scheduler stepped once per epoch).
+# name -> (report title, BaselineConfig fields): each method as its authors define it.
+# GD and KL: one combined loss per step on a paired forget and retain batch (open-unlearning's GradDiff:
+# −NLL̄_f + NLL̄_r; KL adds KL(p_vanilla ‖ p_θ) on the retain batch). NPO: the NPO paper's per-sequence
+# log-likelihood ratio with β 0.1 and a retain NLL term on paired batches (open-unlearning's NPO).
+# MMUnlearner: MLLMU_manifold.py (full parameters, a forget step every len(D_r)/len(D_f) retain steps, clip
+# 1.0 then mask, scheduler stepped once per epoch) with MLLMU_gen_mask.py's preserve sets.
+# LoRA r16 α16 on MLLMU-Bench's PEFT targets, AdamW, linear decay.
 BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
     "ga": ("GA", {"method": "ga", "order": "forget", "lr_schedule": "linear"}),
-    "gd": ("GD", {"method": "gd", "order": "sequential", "lr_schedule": "constant"}),
-    "kl": ("KL", {"method": "kl", "order": "sequential", "lr_schedule": "constant"}),
-    "npo": ("NPO", {"method": "npo", "order": "forget", "lr_schedule": "linear", "beta": 0.4,
-                    "npo_nll": "batch_mean"}),
+    "gd": ("GD", {"method": "gd", "order": "paired", "lr_schedule": "linear"}),
+    "kl": ("KL", {"method": "kl", "order": "paired", "lr_schedule": "linear"}),
+    "npo": ("NPO", {"method": "npo", "order": "paired", "lr_schedule": "linear", "beta": 0.1, "npo_nll": "sequence"}),
     "mmunlearner": ("MMUnlearner", {"method": "mmunlearner", "order": "interleaved", "lr_schedule": "constant",
-                                    "lora": False, "trainable": ".*", "max_grad_norm": 1.0}),
+                                    "lora": False, "trainable": ".*", "max_grad_norm": 1.0,
+                                    "fisher_sets": "mmunlearner"}),
 }
+# MLLMU-Bench's own code where it differs (GA_Difference.py, KL_Minimization.py, NPO.py): GD and KL run a forget
+# pass, then a retain pass, as separate steps with the scheduler stepped once per epoch; NPO is forget-only
+# with the batch's token-mean NLL and β 0.4. `baseline_config(name, variant="mllmu")`.
+MLLMU_VARIANTS: dict[str, dict[str, Any]] = {
+    "gd": {"order": "sequential", "lr_schedule": "constant"},
+    "kl": {"order": "sequential", "lr_schedule": "constant"},
+    "npo": {"order": "forget", "beta": 0.4, "npo_nll": "batch_mean"},
+}
+VARIANTS = ("authors", "mllmu")
 
 # The 7B runs' optimizer settings (RunSettings fields): DESIGN §4 (lr 2e-5, batch 4, 1 epoch; the reference
 # scripts' max_length 384, no warmup); MMUnlearner's README runs its method at lr 1e-5.
@@ -97,10 +110,14 @@ REFERENCE_RUN = {"batch_size": 4, "learning_rate": 2e-5, "warmup_steps": 0, "max
 REFERENCE_RUN_OVERRIDES = {"mmunlearner": {"learning_rate": 1e-5}}
 
 
-def baseline_config(name: str, overrides: dict | BaselineConfig | None = None) -> tuple[str, BaselineConfig]:
-    """(report title, config): the registry defaults for `name`, with `overrides` (a dict of fields) on top."""
+def baseline_config(name: str, overrides: dict | BaselineConfig | None = None, variant: str = "authors"
+                    ) -> tuple[str, BaselineConfig]:
+    """(report title, config): the registry defaults for `name` (`variant` "mllmu": MLLMU-Bench's code where it
+    differs from the authors'), with `overrides` (a dict of fields) on top."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     title, defaults = BASELINES[name]
     if isinstance(overrides, BaselineConfig):
         return title, overrides
@@ -108,7 +125,8 @@ def baseline_config(name: str, overrides: dict | BaselineConfig | None = None) -
     unknown = set(overrides or {}) - fields
     if unknown:
         raise ValueError(f"unknown baseline settings {sorted(unknown)}")
-    return title, BaselineConfig(**{**defaults, **dict(overrides or {})})
+    variant_fields = MLLMU_VARIANTS.get(name, {}) if variant == "mllmu" else {}
+    return title, BaselineConfig(**{**defaults, **variant_fields, **dict(overrides or {})})
 
 
 def reference_run_settings(name: str, **changes) -> RunSettings:

@@ -11,7 +11,6 @@ from ...processing import IGNORE_INDEX
 from .. import trainer as tr
 from ..adapter import Adapter
 from .config import NPO_NLL, BaselineConfig
-from .mmunlearner import apply_gradient_mask
 
 
 # ------------------------------------------------------------------ loss pieces
@@ -66,10 +65,7 @@ def baseline_loss_fn(adapter: Adapter, cfg: BaselineConfig) -> Callable:
         aux = {}
         if "forget" in batch:
             b = batch["forget"]
-            params = trainable
-            if method == "mmunlearner":
-                params = apply_gradient_mask(trainable, frozen["mask"])
-            logits = adapter.logits(frozen, params, b)
+            logits = adapter.logits(frozen, trainable, b)
             nll, count = tr.token_nll(logits, b["labels"])
             mean_nll = nll.sum() / jnp.maximum(count.sum(), 1.0)
             aux["forget_nll"] = mean_nll

@@ -1,4 +1,5 @@
-"""MMUnlearner's pieces: the diagonal Fisher on D_f and D_r, the saliency mask, and the masked gradient."""
+"""MMUnlearner's pieces: the diagonal Fisher on D_f and D_r, the saliency mask, and the clipped-then-masked
+gradient of its forget steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from .. import lora as lora_lib
@@ -28,29 +30,28 @@ def select_modules(params, module_pattern: str) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
 
 
-@jax.custom_vjp
-def mask_gradient(x, mask):
-    """Identity in the forward pass; the backward pass keeps the gradient only where `mask` is True."""
-    return x
-
-
-def _mask_gradient_fwd(x, mask):
-    return x, mask
-
-
-def _mask_gradient_bwd(mask, g):
-    return jnp.where(mask, g, jnp.zeros_like(g)), None
-
-
-mask_gradient.defvjp(_mask_gradient_fwd, _mask_gradient_bwd)
-
-
-def apply_gradient_mask(trainable, mask):
-    """`trainable` with `mask_gradient` on every leaf the mask covers; other leaves pass untouched."""
+def apply_mask(grads, mask):
+    """`grads` with every leaf the mask covers multiplied by it (zero where unselected); other leaves as they are."""
     flat_mask = traverse_util.flatten_dict(mask)
-    flat = traverse_util.flatten_dict(trainable)
+    flat = traverse_util.flatten_dict(grads)
     return traverse_util.unflatten_dict(
-        {k: (mask_gradient(v, flat_mask[k]) if k in flat_mask else v) for k, v in flat.items()})
+        {k: (jnp.where(flat_mask[k], v, jnp.zeros_like(v)) if k in flat_mask else v) for k, v in flat.items()})
+
+
+def clip_then_mask(max_grad_norm: float | None):
+    """The trainer's `gradient_fn` for MMUnlearner, in its reference's order (MLLMU_manifold.py): every step's
+    gradient is clipped to `max_grad_norm` over all trainable weights, and a forget step's is then masked
+    (`frozen["mask"]`) — so the mask never raises the clipping scale."""
+
+    def gradient_fn(grads, frozen, batch):
+        if max_grad_norm:
+            norm = optax.tree.norm(grads)
+            grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, max_grad_norm / (norm + 1e-6)), grads)
+        if "forget" in batch:  # static: forget and retain steps are separate programs
+            grads = apply_mask(grads, frozen["mask"])
+        return grads
+
+    return gradient_fn
 
 
 # ------------------------------------------------------------------ MMUnlearner: Fisher and mask
@@ -119,6 +120,9 @@ def fisher_rows(forget_rows, retain_rows, full_rows, mode: str = "retain"):
     if mode == "retain":
         return list(forget_rows), list(retain_rows)
     if mode == "mmunlearner":
-        return ([r for r in forget_rows if r.image is not None],
-                [r for r in retain_rows if r.image is not None] + [r for r in full_rows if r.image is None])
+        forget = [r for r in forget_rows if r.image is not None]
+        if not forget:
+            raise ValueError("MMUnlearner's preserve sets (fisher_sets='mmunlearner') need image-grounded forget "
+                             "rows and the forget set has none; use fisher_sets='retain'")
+        return forget, [r for r in retain_rows if r.image is not None] + [r for r in full_rows if r.image is None]
     raise ValueError(f"fisher_sets must be one of {FISHER_SETS}, got {mode!r}")

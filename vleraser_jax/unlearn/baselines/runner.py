@@ -15,7 +15,7 @@ from .. import trainer as tr
 from ..adapter import Adapter, full_training_state, lora_training_state
 from .config import BaselineConfig, baseline_config, reference_run_settings
 from .losses import baseline_loss_fn
-from .mmunlearner import fisher_diagonals, fisher_rows, mask_report, saliency_mask
+from .mmunlearner import clip_then_mask, fisher_diagonals, fisher_rows, mask_report, saliency_mask
 from .schedules import PairedSchedule, batches_per_epoch, step_plan
 
 
@@ -130,13 +130,15 @@ def unlearn_baseline(
                                            f_data, r_data, sharding=sharding, log=log)
         info.update(mask_info)
     adapter, trainable, frozen = prepare(model, params, cfg, jax.random.PRNGKey(run.seed), ref_params, mask)
+    mmunlearner = cfg.method == "mmunlearner"  # clips inside its gradient_fn, before the mask
     train_cfg = tr.TrainConfig(
         total_steps=len(plan), learning_rate=run.learning_rate, schedule=cfg.lr_schedule,
         warmup_steps=run.warmup_steps, end_lr_factor=0.0, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-        max_grad_norm=cfg.max_grad_norm, seed=run.seed, log_every=max(len(plan) // 20, 1),
+        max_grad_norm=None if mmunlearner else cfg.max_grad_norm, seed=run.seed, log_every=max(len(plan) // 20, 1),
         progress=progress, description=title, log_path=log_path, tensorboard_dir=tensorboard_dir,
     )
-    result = tr.train(baseline_loss_fn(adapter, cfg), trainable, frozen, batch_fn, train_cfg, sharding=sharding)
+    result = tr.train(baseline_loss_fn(adapter, cfg), trainable, frozen, batch_fn, train_cfg, sharding=sharding,
+                      gradient_fn=clip_then_mask(cfg.max_grad_norm) if mmunlearner else None)
     info["train_seconds"] = result.seconds
     info["history"] = result.history
     t0 = time.perf_counter()
