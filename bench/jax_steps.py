@@ -25,7 +25,8 @@ def train_config(steps: int = 1000) -> tr.TrainConfig:
 
 def vl_eraser(model, params, size: Size, lambda_: float = 0.5):
     """(step, state, frozen, lora tree, projectors) exactly as `vl_eraser.unlearn_vl_eraser` builds them."""
-    cfg = vle.VLEraserConfig(rank=size.rank, lora_alpha=2.0 * size.rank, lambda_=lambda_, ce_mode="added")
+    cfg = vle.VLEraserConfig(rank=size.rank, lora_alpha=2.0 * size.rank, lambda_=lambda_, ce_mode="added",
+                             distill_tokens="all")
     projectors = jax.tree_util.tree_map(jnp.asarray, vle_projectors(size))
     lora = lora_lib.init(params, cfg.rank, cfg.lora_alpha, jax.random.PRNGKey(0), b_std=cfg.lora_b_std)
     trainable, scales = lora_lib.split_trainable(lora)

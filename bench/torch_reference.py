@@ -3,9 +3,9 @@
 Same math as vleraser_jax (DESIGN §4), on transformers' `LlavaForConditionalGeneration`:
 - LoRA as forward hooks on the LM's linears: y ← y + scale · ((P x) a) b  (a [F_in, R], b [R, D_out], the
   JAX tree's layout, values copied from it), P x = x − (x U) Uᵀ when a vacuum basis U is given;
-- VL-Eraser: the down_proj inputs h are captured by the same hooks; per block
-  mean_s∈mask [1 − cos(W_down h_s, scale · B A P h_s)], h detached; L = λ · mean over blocks + (1 − λ) CE,
-  CE with the LoRA "added" to the FFN output;
+- VL-Eraser: the down_proj inputs h are captured by the same hooks in a LoRA-free pass (the frozen teacher); per
+  block mean_s∈mask [1 − cos(W_down h_s, scale · B A P h_s)]; L = λ · mean over blocks + (1 − λ) CE, CE with the
+  LoRA "added" to the FFN output;
 - NPO ("batch_mean"): d = NLL̄_θ − NLL̄_ref (ref = the model without LoRA, no grad), L = −(2/β) log σ(β d);
 - torch.optim.AdamW + clip_grad_norm_, the trainer's optimizer (constant lr, decay on matrices only).
 """
@@ -127,8 +127,12 @@ def to_torch(batch: dict) -> dict:
 
 
 def vl_eraser_loss(lora: TorchLoRA, batch, lambda_: float):
-    """(total, distill, ce) for one batch; lora.enabled (the CE's "added" mode)."""
-    lora.keys.clear()
+    """(total, distill, ce) for one batch: the teacher's keys from a LoRA-free pass without gradient, the CE with
+    the LoRA "added"; every real token distilled (distill_tokens="all")."""
+    with torch.no_grad(), lora.disabled():
+        lora.keys.clear()
+        _forward(lora.model, batch)
+        keys = {path: h.detach().float() for path, h in lora.keys.items()}
     logits = _forward(lora.model, batch)
     nll, count = causal_lm_nll(logits, batch["labels"])
     ce = nll / count.clamp(min=1.0)
@@ -137,7 +141,7 @@ def vl_eraser_loss(lora: TorchLoRA, batch, lambda_: float):
     for path, entry in lora.entries.items():
         if not path.endswith("down_proj"):
             continue
-        h = lora.keys[path].detach().float()
+        h = keys[path]
         teacher = h @ _module(lora.model, path).weight.T
         student = TorchLoRA.delta(h, entry)
         cos = (teacher * student).sum(-1) / (teacher.norm(dim=-1) * student.norm(dim=-1) + 1e-8)

@@ -487,6 +487,12 @@ def test_method_settings_route_to_where_run_method_reads_them():
     _, cfg, vstage = R.method_config(R.with_method_settings(c, "vl_eraser_no_ce", {"deletion_strength": 2.0, "steps": 7}),
                                      "vl_eraser_no_ce")
     assert (cfg.deletion_strength, cfg.lambda_, vstage.steps) == (2.0, 1.0, 7)
+    # the paper row: its own section's settings, the paper's choices fixed over them, VL-Eraser's untouched
+    paper = R.with_method_settings(c, "vl_eraser_paper", {"deletion_strength": 16.0, "vacuum_source": "image+text"})
+    title, cfg, _ = R.method_config(paper, "vl_eraser_paper")
+    assert title == "VL-Eraser (paper)" and cfg.deletion_strength == 16.0
+    assert (cfg.vacuum_source, cfg.pooling, cfg.distill_tokens, cfg.deletion_scale) == ("image", "mean", "all", "raw")
+    assert R.method_config(paper, "vl_eraser")[1].deletion_strength == c.vl_eraser.deletion_strength
     with pytest.raises(ValueError, match="unknown settings"):
         R.with_method_settings(c, "npo", {"betta": 0.1})
     with pytest.raises(ValueError, match="unknown settings"):

@@ -364,14 +364,14 @@ def _child(out_path: str) -> None:
     # from the null space as with one batch of 8 (more images give smaller retained eigenvalues, and the
     # eigenvectors' sensitivity to rounding grows as 1 / eigengap)
     retain = [strip(llava_batch(rng, 4)) for _ in range(2)]
-    moments, _ = vacuum.collect_moments(llava, lp, retain, progress=False)
+    moments, _ = vacuum.collect_moments(llava, lp, retain, pooling="mean", progress=False)
     ref["moments"] = moments
     projectors, _ = vacuum.build_vacuum_projectors(moments, threshold=1e-6, mode="relative")
     dense = lambda pr: {k: np.eye(v["basis"].shape[0]) - np.asarray(v["basis"], np.float64) @ np.asarray(v["basis"], np.float64).T
                         for k, v in lora_lib.entries(pr).items()}
     ref["projector"] = dense(projectors)
 
-    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0)
+    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0, distill_tokens="answer")
     lora = lora_lib.init(lp, vcfg.rank, vcfg.lora_alpha, jax.random.PRNGKey(2), b_std=0.1)
     trainable, scales = lora_lib.split_trainable(lora)
     frozen = {"params": lp, "lora_scales": scales, "vacuum": projectors}
@@ -413,7 +413,7 @@ def _child(out_path: str) -> None:
                          image_grid_thw=qb["image_grid_thw"], sharding=sh, **gen_args)
             results["generate_qwen"][mesh_spec] = bool((np.asarray(g.tokens) == ref["generate_qwen"]).all())
 
-        m, _ = vacuum.collect_moments(llava, lp, retain, progress=False, sharding=sh)
+        m, _ = vacuum.collect_moments(llava, lp, retain, pooling="mean", progress=False, sharding=sh)
         results["moments"][mesh_spec] = max(_rel(m[k], ref["moments"][k]) for k in ref["moments"])
         pr, _ = vacuum.build_vacuum_projectors(m, threshold=1e-6, mode="relative")
         d = dense(pr)
@@ -476,7 +476,7 @@ def _child_loop(out_path: str) -> None:
     llava = LlavaForConditionalGeneration(tiny_llava(layers=1))
     lp = jax.jit(lambda k: llava.init(k, **llava.dummy_inputs())["params"])(jax.random.PRNGKey(0))
     batches = [llava_batch(np.random.default_rng(i), 8) for i in range(3)]
-    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0, vacuum=False)
+    vcfg = vle.VLEraserConfig(rank=4, lora_alpha=8.0, vacuum=False, distill_tokens="answer")
     trainable, scales = lora_lib.split_trainable(lora_lib.init(lp, 4, 8.0, jax.random.PRNGKey(2), b_std=0.1))
     frozen = {"params": lp, "lora_scales": scales, "vacuum": None}
     cfg = tr.TrainConfig(total_steps=3, learning_rate=1e-2, progress=False, log_every=1)

@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     quiet = dict(log=lambda *_: None)
     vle = unlearn_vl_eraser(model, params, processor, forget, retain,
                             VLEraserConfig(rank=2, threshold_mode="rank", retained_rank=2, deletion_strength=0.7),
-                            run, **quiet)
+                            run, entity_names={"f1": "Mara Quill"}, **quiet)
     npo = unlearn_baseline(model, params, processor, forget, retain, "npo", {"epochs": None}, run, progress=False,
                            **quiet)
     out = SimpleNamespace(ckpt=ckpt, root=root, vle=root / "vl_eraser", npo=root / "npo", params=params, model=model)
@@ -147,8 +147,9 @@ def test_tensor_names_and_config_are_what_peft_saves(runs, method, tmp_path):
     expected = {"vle": {f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)},
                 "npo": {f"model.language_model.layers.{i}.{p}" for i in range(2) for p in
                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}}[method]
-    assert set(config["target_modules"]) == expected
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+                | {f"model.vision_tower.encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")}}[method]
+    assert set(config["target_modules"]) == expected  # NPO: MLLMU-Bench's PEFT targets, CLIP's q/k/v too
     assert (config["r"], config["lora_alpha"]) == {"vle": (2, 16), "npo": (16, 16)}[method]
     assert config["base_model_name_or_path"] == str(runs.ckpt.absolute())
 

@@ -11,7 +11,7 @@ import pytest
 
 from vleraser_jax.config import load_config
 from vleraser_jax.experiment.runner import run_experiment
-from vleraser_jax.experiment.sweep import run_sweep
+from vleraser_jax.experiment.sweep import load_selections, run_sweep
 from vleraser_jax.train.stages import run_stage
 from vleraser_jax.train.workspace import stage_dir
 
@@ -22,6 +22,7 @@ MICRO = [
     "--config.model.vision_hidden_size=16", "--config.model.vision_intermediate_size=32",
     "--config.model.vision_layers=2", "--config.model.vision_heads=2",
     "--config.base.steps=3", "--config.base.batch_size=4", "--config.vanilla.steps=3", "--config.vanilla.batch_size=4",
+    "--config.oracle.steps=3", "--config.oracle.batch_size=4", "--config.data.validation_people=2",
     "--config.eval.max_people=1", "--config.eval.batch_size=8",
 ]
 
@@ -46,16 +47,19 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert run_stage(c, "vanilla", log=lambda *_: None) == stage_dir(c, "vanilla")
     assert stage_dir(c, "vanilla").stat().st_mtime == before
 
-    # the sweep picks settings on pseudo-forget retain people; deleting with alpha 0 is the vanilla model
-    best, rows = run_sweep(c, {"deletion_strength": [0.0, 1.0]}, metric="cloze", validation_people=2, log=lambda *_: None)
-    assert [r["deletion_strength"] for r in rows] == [0.0, 1.0]
-    assert rows[0]["progress"] == 0.0 and rows[0]["eligible"]
-    assert best["deletion_strength"] in (0.0, 1.0)
-    with pytest.raises(ValueError, match="sweep metric"):
-        run_sweep(c, {"deletion_strength": [1.0]}, metric="rouge")
+    # the selection scores settings on pseudo-forget retain people; deleting with α 0 is the vanilla model
+    out = run_sweep(c, {"deletion_strength": [0.0, 1.0]}, budget=2, log=lambda *_: None)
+    rows = out["rows"]
+    assert [r["setting"]["deletion_strength"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["eligible"] and all(d == pytest.approx(0.0, abs=1e-12) for d in rows[0]["drops"].values())
+    assert rows[0]["distance"] == pytest.approx(out["references"]["oracle"]["vanilla_distance"])
+    assert out["validation_people"] == 2 and (out["chosen"] in (0, 1) or out["eligible"] == 0)
+    assert load_selections(c)["vl_eraser"]["rows"] == json.loads(json.dumps(rows))
+    with pytest.raises(ValueError, match="budget"):
+        run_sweep(c, {"deletion_strength": [1.0]}, budget=2)
     # the same protocol for a baseline: learning rate 0 leaves the model as it was
-    _, rows = run_sweep(c, {"learning_rate": [0.0]}, method="ga", validation_people=2, log=lambda *_: None)
-    assert rows[0]["progress"] == 0.0
+    out = run_sweep(c, {"learning_rate": [0.0]}, method="ga", budget=1, log=lambda *_: None)
+    assert out["rows"][0]["distance"] == pytest.approx(out["references"]["oracle"]["vanilla_distance"])
 
 
 @pytest.mark.slow

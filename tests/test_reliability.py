@@ -585,7 +585,8 @@ def run_tiny_pipeline(world: Path, out: Path, seed: int) -> None:
     unlearned, lora, projectors, info = unlearn_vl_eraser(
         model, params, processor, bench.forget_train, bench.retain_train,
         VLEraserConfig(rank=2, threshold_mode="rank", retained_rank=2),
-        RunSettings(steps=1, batch_size=4, warmup_steps=0, max_length=64, seed=seed), log=lambda *_: None)
+        RunSettings(steps=1, batch_size=4, warmup_steps=0, max_length=64, seed=seed),
+        entity_names={p.person_id: p.name for p in bench.forget}, log=lambda *_: None)
     save_method_run(out / "run", MethodRun("VL-Eraser", unlearned, info, lora, projectors), model.config,
                     source_dir=world / "ckpt")
     cfg = EvalConfig(sets=("forget", "retain"), modes=("visual",), tasks=("classification",), option_likelihood=False,

@@ -27,7 +27,7 @@ def setup(tiny_llava_dir):
         ids, mask, pixels = llava_inputs(rng, text_lens=(4, 6, 5), with_image=(True, True, True),
                                          image_tokens=config.num_image_tokens)
         retain.append({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels})
-    moments, n = vacuum.collect_moments(model, params, retain, progress=False)
+    moments, n = vacuum.collect_moments(model, params, retain, pooling="mean", progress=False)
     return model, params, config, retain, moments, n
 
 
@@ -77,15 +77,50 @@ def test_projector_is_symmetric_idempotent_and_annihilates_retain_keys(setup):
         np.testing.assert_allclose(vacuum_project(x, proj), vacuum_project(x, dense), atol=1e-5)
 
 
-def test_threshold_modes_and_dense_storage(setup):
+def test_thresholds_are_capped_at_the_numerical_rank(setup):
     *_, moments, _ = setup
-    c = next(iter(moments.values()))
-    _, by_rank = vacuum.vacuum_projector_from_moment(c, mode="rank", rank=60)
-    assert by_rank["retained_rank"] == 60 and by_rank["stored"] == "dense"  # 60 >= 96/2
+    c = next(iter(moments.values()))  # 9 mean-pooled images: rank 9 of 96
+    _, capped = vacuum.vacuum_projector_from_moment(c, mode="rank", rank=60)
+    assert capped["retained_rank"] == 9 == capped["numerical_rank"] and capped["stored"] == "basis"
+    _, loose = vacuum.vacuum_projector_from_moment(c, threshold=1e-30, mode="absolute")
+    assert loose["retained_rank"] == 9  # noise eigenvalues never count as retained directions
     _, none_kept = vacuum.vacuum_projector_from_moment(c, threshold=1e9, mode="absolute")
     assert none_kept["retained_rank"] == 0 and none_kept["null_dim"] == 96 and none_kept["stored"] == "identity"
     with pytest.raises(ValueError, match="rank"):
         vacuum.vacuum_projector_from_moment(c, mode="rank")
+    with pytest.raises(ValueError, match="energy"):
+        vacuum.vacuum_projector_from_moment(c, threshold=2.0, mode="energy")
+
+
+def test_threshold_modes_match_numpy_and_dense_storage(setup):
+    model, params, _, retain, _, _ = setup
+    tokens, n = vacuum.collect_moments(model, params, retain, pooling="tokens", progress=False)
+    c = tokens["llm/layers_0/mlp"]
+    eig = np.sort(np.linalg.eigvalsh(c))[::-1]  # numpy, f64: the reference spectrum
+    _, by_rank = vacuum.vacuum_projector_from_moment(c, mode="rank", rank=60)
+    assert by_rank["retained_rank"] == 60 and by_rank["stored"] == "dense"  # 60 >= 96/2
+    for fraction in (0.5, 0.9, 0.99):
+        expected = int(np.argmax(np.cumsum(eig) / eig.sum() >= fraction)) + 1
+        _, info = vacuum.vacuum_projector_from_moment(c, threshold=fraction, mode="energy")
+        assert abs(info["retained_rank"] - expected) <= 1  # f32 decomposition vs f64 reference at the boundary
+    _, rel = vacuum.vacuum_projector_from_moment(c, threshold=1e-2, mode="relative")
+    assert abs(rel["retained_rank"] - int((eig >= 1e-2 * eig[0]).sum())) <= 1
+
+
+def test_svd_of_stacked_keys_and_of_the_moment_and_eigh_agree(setup):
+    model, params, _, retain, _, _ = setup
+    stacked = vacuum.collect_keys(model, params, retain, "tokens", progress=False)
+    spilled = vacuum.collect_keys(model, params, retain, "tokens", progress=False, stack_limit_bytes=1)
+    assert stacked.kind == "keys" and spilled.kind == "moment" and stacked.count == spilled.count
+    block = "llm/layers_1/mlp"
+    h = stacked.blocks[block]
+    np.testing.assert_allclose(spilled.blocks[block], h.astype(np.float64).T @ h / len(h), rtol=1e-5, atol=1e-8)
+    spans = []
+    for keys, decomposition in ((stacked, "svd"), (spilled, "svd"), (spilled, "eigh")):
+        projectors, _ = vacuum.build_vacuum_projectors(keys, threshold=0.9, mode="energy", decomposition=decomposition)
+        spans.append(np.asarray(vacuum_project(jnp.eye(96), lora_lib.entries(projectors)[f"{block}/down_proj"])))
+    for p in spans[1:]:
+        np.testing.assert_allclose(p, spans[0], atol=1e-3)
 
 
 def test_delete_is_pure_matches_dense_formula_and_spares_retain_keys(setup):
@@ -145,7 +180,7 @@ def test_distill_loss_is_zero_when_the_student_copies_the_teacher(setup):
         # a full-rank "LoRA" equal to W (a = W, b = I): B A h = W_down h exactly -> cosine distance 0
         lora["llm"][f"layers_{i}"] = {"mlp": {"down_proj": {"a": jnp.asarray(w), "b": jnp.eye(d), "scale": jnp.asarray(1.0)}}}
     _, state = model.apply({"params": params}, **retain[0], mutable=["intermediates"])
-    keys = vle._keys_from(state)
+    keys = vle.keys_from(state)
     loss = vle.distill_loss(keys, params, lora, None, retain[0]["attention_mask"])
     assert float(loss) < 1e-5
     anti = {"llm": {k: {"mlp": {"down_proj": {**v["mlp"]["down_proj"], "scale": jnp.asarray(-1.0)}}}
@@ -153,8 +188,9 @@ def test_distill_loss_is_zero_when_the_student_copies_the_teacher(setup):
     assert float(vle.distill_loss(keys, params, anti, None, retain[0]["attention_mask"])) == pytest.approx(2.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("cfg", [vle.VLEraserConfig(), vle.VLEraserConfig(ce_mode="replaced", lambda_=0.3),
-                                 vle.VLEraserConfig(vacuum=False, lambda_=1.0)])
+@pytest.mark.parametrize("cfg", [vle.VLEraserConfig(), vle.VLEraserConfig(ce_mode="replaced", lambda_=0.3,
+                                                                           distill_tokens="answer"),
+                                 vle.VLEraserConfig(vacuum=False, lambda_=1.0, distill_tokens="all")])
 def test_distillation_gradients_are_finite_and_the_step_compiles_once(setup, cfg):
     model, params, config, retain, moments, _ = setup
     projectors, _ = vacuum.build_vacuum_projectors(moments) if cfg.vacuum else (None, None)
@@ -165,6 +201,8 @@ def test_distillation_gradients_are_finite_and_the_step_compiles_once(setup, cfg
     labels = np.where(batch["attention_mask"] == 1, batch["input_ids"], tr.IGNORE_INDEX)
     labels[batch["input_ids"] == config.image_token_index] = tr.IGNORE_INDEX
     batch["labels"] = labels
+    batch[vle.ENTITY_MASK] = np.zeros_like(labels)
+    batch[vle.ENTITY_MASK][:, 1:3] = 1
     loss_fn = vle.distillation_loss_fn(model, cfg)
     (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True))(frozen, trainable, batch, None)
     assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
@@ -175,5 +213,47 @@ def test_distillation_gradients_are_finite_and_the_step_compiles_once(setup, cfg
     for other in retain:
         b = dict(other)
         b["labels"] = labels if other is retain[0] else np.where(other["attention_mask"] == 1, other["input_ids"], -100)
+        b[vle.ENTITY_MASK] = np.zeros_like(b["labels"])
         state, _ = step(state, frozen, b)
     assert step._cache_size() == 1
+
+
+def test_the_teacher_is_the_frozen_model(setup):
+    """The distillation's keys come from a LoRA-free pass: a large LoRA changes the CE, not the teacher."""
+    model, params, config, retain, moments, _ = setup
+    cfg = vle.VLEraserConfig(distill_tokens="all", vacuum=False)
+    lora = lora_lib.init(params, 4, 8.0, jax.random.PRNGKey(0), b_std=0.5)
+    trainable, scales = lora_lib.split_trainable(lora)
+    batch = dict(retain[0], labels=np.where(retain[0]["attention_mask"] == 1, retain[0]["input_ids"], -100))
+    _, aux = vle.distillation_loss_fn(model, cfg)({"params": params, "lora_scales": scales}, trainable, batch, None)
+    _, frozen_state = model.apply({"params": params}, **retain[0], mutable=["intermediates"])
+    _, lora_state = model.apply({"params": params, "lora": lora}, **retain[0], mutable=["intermediates"])
+    mask = retain[0]["attention_mask"]
+    expected = vle.distill_loss(vle.keys_from(frozen_state), params, lora, None, mask)
+    with_lora_keys = vle.distill_loss(vle.keys_from(lora_state), params, lora, None, mask)
+    assert float(aux["distill"]) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(with_lora_keys) - float(expected)) > 1e-4  # the LoRA does move later blocks' keys
+
+
+def test_entity_mask_marks_the_name_wherever_it_appears():
+    ids = np.array([[5, 1, 2, 3, 9, 1, 2, 0], [4, 4, 7, 7, 7, 1, 2, 3]])
+    names = [[[1, 2, 3], [2, 3]], [[7]]]
+    mask = vle.entity_token_mask(ids, names)
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]])
+
+
+def test_least_squares_scale_recovers_a_known_multiple(setup):
+    """A student equal to W_down / 4 on every key gets c = 4: α = 1 then removes the FFN output exactly."""
+    model, params, config, retain, _, _ = setup
+    flat = traverse_util.flatten_dict(params)
+    d = config.text.hidden_size
+    lora = {"llm": {f"layers_{i}": {"mlp": {"down_proj": {
+        "a": jnp.asarray(flat[("llm", f"layers_{i}", "mlp", "down_proj", "kernel")]), "b": jnp.eye(d),
+        "scale": jnp.asarray(0.25)}}} for i in range(config.text.num_hidden_layers)}}
+    batch = dict(retain[0], labels=np.where(retain[0]["attention_mask"] == 1, retain[0]["input_ids"], -100))
+    scales = vle.least_squares_scales(model, params, lora, None, [batch])
+    assert scales and all(v == pytest.approx(4.0, rel=1e-4) for v in scales.values())
+    deleted = vle.delete(params, vle.rescale(lora, scales), None, strength=1.0)
+    for i in range(config.text.num_hidden_layers):
+        kernel = np.asarray(deleted["llm"][f"layers_{i}"]["mlp"]["down_proj"]["kernel"])
+        assert np.abs(kernel).max() < 1e-4

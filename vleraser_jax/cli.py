@@ -196,25 +196,59 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import json
-    from pathlib import Path
-
     from .config import _literal, load_config
-    from .experiment.sweep import run_sweep
+    from .eval.report_selection import write_selection_report
+    from .experiment.methods import method_title
+    from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, load_selections, run_sweep, selection_dir
 
     c = load_config(args.config, args.overrides)
-    grid = {}
-    for item in args.grid:
-        key, sep, values = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--grid {item!r}: expected name=v1,v2,...")
-        grid[key] = [_literal(v) for v in values.split(",")]
-    best, rows = run_sweep(c, grid, method=args.method, metric=args.metric,
-                           validation_people=args.validation_people)
-    out = Path(c.work_dir) / "reports" / f"{c.name}-forget{c.data.forget_ratio}" / f"sweep-{args.method}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"grid": grid, "best": best, "rows": rows}, indent=2))
-    print(f"best on the validation split: {best}  (all rows: {out})")
+    selection = c.get("selection") or {}
+    budget = args.budget or selection.get("budget", DEFAULT_BUDGET)
+    for method in args.method:
+        if args.grid:
+            grid = {}
+            for item in args.grid:
+                key, sep, values = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"--grid {item!r}: expected name=v1,v2,...")
+                grid[key] = [_literal(v) for v in values.split(",")]
+        else:
+            grids = selection.get("grids") or {}
+            if method not in grids:
+                raise SystemExit(f"{args.config} has no selection.grids.{method}: pass --grid name=v1,v2 ...")
+            grid = {k: list(v) for k, v in dict(grids[method]).items()}
+        run_sweep(c, grid, method=method, budget=budget, tolerance=selection.get("tolerance", DEFAULT_TOLERANCE),
+                  max_people=selection.get("max_people", 40))
+    selections = load_selections(c)
+    path = write_selection_report(selection_dir(c), selections, {m: method_title(c, m) for m in selections})
+    print(f"selection report: {path}")
+    return 0
+
+
+def cmd_vacuum_study(args) -> int:
+    from .config import load_config
+    from .data import mllmu
+    from .data.splits import validation_benchmark
+    from .experiment.runner import load_vanilla, report_dir_for
+    from .experiment.vacuum_study import format_study, vacuum_energy_study
+    from .io import write_text_atomic
+    from .processing import load_processor
+    from .train.stages import run_stage
+    from .train.workspace import data_root
+
+    c = load_config(args.config, args.overrides)
+    vanilla_dir = run_stage(c, "vanilla")
+    model, params, _ = load_vanilla(c, vanilla_dir)
+    bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), c.data.validation_people,
+                                 c.seed)
+    print(f"vacuum energy study on {len(bench.forget)} validation people against {args.heldout_people} held-out "
+          f"retain people (FFN width {model.config.text.intermediate_size})")
+    rows = vacuum_energy_study(model, params, load_processor(vanilla_dir), bench, heldout_people=args.heldout_people,
+                               seed=c.seed)
+    table = format_study(rows)
+    path = write_text_atomic(report_dir_for(c) / "vacuum_study.md", table + "\n")
+    print(table)
+    print(f"written to {path}")
     return 0
 
 
@@ -349,15 +383,19 @@ def _pipeline_commands(sub) -> None:
     p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
     p.set_defaults(func=cmd_unlearn)
 
-    p = sub.add_parser("sweep", help="choose a method's settings on a validation split of pseudo-forget people")
+    p = sub.add_parser("sweep", help="choose methods' settings on validation pseudo-forget people, the same budget "
+                                     "for each (grids from the config's selection section, or --grid)")
     p.add_argument("--config", required=True)
-    p.add_argument("--method", default="vl_eraser", choices=all_methods())
-    p.add_argument("--grid", nargs="+", required=True, help="e.g. lambda_=0.3,0.5 rank=4,8 steps=50,100")
-    p.add_argument("--validation-people", type=int, default=10)
-    p.add_argument("--metric", default="cloze", choices=["cloze", "classification"],
-                   help="forget score to drive toward the base model's (cloze: the tiny models' multiple choice is "
-                        "at chance, see README)")
+    p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
+    p.add_argument("--grid", nargs="+", help="e.g. lambda_=0.3,0.5 rank=4,8 (default: selection.grids.<method>)")
+    p.add_argument("--budget", type=int, default=0, help="settings per method (default: selection.budget, 12)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("vacuum-study", help="how much forget answer-key energy lies outside the retain keys' span, "
+                                            "against held-out retain people, per vacuum source and threshold")
+    p.add_argument("--config", required=True)
+    p.add_argument("--heldout-people", type=int, default=10)
+    p.set_defaults(func=cmd_vacuum_study)
 
 
 def _eval_command(sub) -> None:

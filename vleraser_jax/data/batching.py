@@ -51,6 +51,8 @@ class Tokenized:
     # when images keep different resolutions (each distinct batch total then compiles once)
     pixels: np.ndarray | list[np.ndarray] | None
     grids: np.ndarray | None = None  # Qwen2-VL's image_grid_thw per image [M, 3]; None for LLaVA
+    # extra per-token arrays [N, L] a method attaches (e.g. VL-Eraser's entity mask); batches carry them by name
+    token_masks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -228,7 +230,8 @@ class BatchSchedule:
         data, _, has_image, length = self.pools[k]
         rows = self.orders[k][self.start[step]: self.start[step] + self.batch_size]
         batch = {"input_ids": data.input_ids[rows, :length], "attention_mask": data.attention_mask[rows, :length],
-                 "labels": data.labels[rows, :length]}
+                 "labels": data.labels[rows, :length],
+                 **{name: m[rows, :length] for name, m in data.token_masks.items()}}
         if has_image:
             batch.update(data.image_inputs(rows))
         return batch
@@ -264,7 +267,7 @@ def indexed_batches(data, batch_size: int, rows_by_group: dict[bool, np.ndarray]
             labels = data.labels[idx, :length].copy()
             labels[len(part):] = IGNORE_INDEX
             batch = {"input_ids": data.input_ids[idx, :length], "attention_mask": data.attention_mask[idx, :length],
-                     "labels": labels}
+                     "labels": labels, **{name: m[idx, :length] for name, m in data.token_masks.items()}}
             if has_image:
                 batch.update(data.image_inputs(idx))
             out.append((part, batch))

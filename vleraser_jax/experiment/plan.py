@@ -150,7 +150,8 @@ def distill_program(c, model, sharder, batch: int | None = None, length: int | N
 
     v = c.vl_eraser
     p = c.plan
-    cfg = vle.VLEraserConfig(rank=v.rank, lora_alpha=v.lora_alpha, lambda_=v.lambda_, ce_mode=v.ce_mode)
+    cfg = vle.VLEraserConfig(rank=v.rank, lora_alpha=v.lora_alpha, lambda_=v.lambda_, ce_mode=v.ce_mode,
+                             distill_tokens=v.get("distill_tokens", vle.VLEraserConfig.distill_tokens))
     b = batch or v.batch_size
     t = length or v.max_length
     params = abstract_params(model, sharder, dtype=p.get("frozen_dtype") or None)
@@ -168,6 +169,8 @@ def distill_program(c, model, sharder, batch: int | None = None, length: int | N
     state = _with_shardings(state, tr.state_shardings(state, sharder))
     batch_tree = {"input_ids": _sds((b, t), jnp.int32), "attention_mask": _sds((b, t), jnp.int32),
                   "labels": _sds((b, t), jnp.int32), **image_inputs(model, b, p.image_size)}
+    if cfg.distill_tokens == "entity":
+        batch_tree[vle.ENTITY_MASK] = _sds((b, t), jnp.int32)
     batch_tree = _with_shardings(batch_tree, sharder.batch(batch_tree))
     step = tr.make_train_step(vle.distillation_loss_fn(model, cfg), tx, sharder)
     shapes = f"batch {b} x {t} tokens ({image_tokens(model, p.image_size)} image), LoRA r{cfg.rank}, basis rank {rank}"

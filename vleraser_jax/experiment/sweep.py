@@ -1,76 +1,201 @@
-"""Choosing a method's settings on a validation split of pseudo-forget people, never the reported forget people."""
+"""One selection protocol for every method: a fixed budget of settings, each scored on validation pseudo-forget
+people (retain people the oracle was retrained without, never the reported forget people).
+
+Per setting: unlearn the validation people, then score forget (those people), retain (the other retain people)
+and real on cloze and option-likelihood accuracy, both modes. Eligible: mean retain and mean real utility
+within `tolerance` of Vanilla's on the same people. Chosen: the eligible setting whose forget scores are
+closest to the Oracle's (mean absolute difference over metrics and modes: the oracle never saw these people,
+so it is what "forgotten" looks like). When nothing is eligible the result says so, names no choice, and
+keeps the forget–utility frontier (the settings no other setting beats on both distance and utility loss).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import time
+from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..data import mllmu
 from ..data.splits import validation_benchmark
 from ..eval.evaluate import evaluate
+from ..io import write_bytes_atomic
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root
+from ..train.workspace import data_root, oracle_enabled
 from .methods import eval_config, run_method, with_method_settings
-from .runner import load_vanilla
+from .runner import load_vanilla, report_dir_for
 
-SWEEP_METRICS = ("cloze", "classification")
+SELECTION_METRICS = ("cloze", "option_acc")
+UTILITY_SETS = ("retain", "real")
+DEFAULT_BUDGET = 12
+DEFAULT_TOLERANCE = 0.05
 
 
-def mean_over_modes(results, set_name: str, metric: str) -> float:
-    """A set's score for one metric, averaged over the Visual-QA and Textual-QA modes."""
-    modes = results.get(set_name, {})
-    values = [m[metric]["value"] for m in modes.values() if metric in m]
+def set_scores(results: dict, set_name: str) -> dict[str, float]:
+    """{"<metric>/<mode>": value} of one set for the selection metrics."""
+    out = {}
+    for mode, metrics in sorted(results.get(set_name, {}).items()):
+        for metric in SELECTION_METRICS:
+            if metric in metrics:
+                out[f"{metric}/{mode}"] = float(metrics[metric]["value"])
+    return out
+
+
+def mean_score(results: dict, set_name: str) -> float:
+    values = list(set_scores(results, set_name).values())
     return float(np.mean(values)) if values else float("nan")
 
 
-def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", metric: str = "cloze",
-              validation_people: int = 10, max_retain_people: int = 40, max_retain_drop: float = 0.10,
-              log=print) -> tuple[dict, list[dict]]:
-    """Grid search of one method's settings on `validation_benchmark` (never the reported forget people).
+def distance_to(results: dict, target: dict, set_name: str = "forget") -> float:
+    """Mean |score − target score| over the set's selection metrics and modes."""
+    mine, theirs = set_scores(results, set_name), set_scores(target, set_name)
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        raise ValueError(f"no selection metric {SELECTION_METRICS} on the {set_name} set to compare")
+    return float(np.mean([abs(mine[k] - theirs[k]) for k in shared]))
 
-    The same protocol for every method (VL-Eraser and the baselines alike), so each gets an equal budget.
 
-    Score = fraction of the way the forget score (`metric`, mean of both modes) moved from the vanilla
-    model's to the *base* model's on the same people: the base never saw them, so its score is what
-    "forgotten" looks like (for classification that is chance). Settings whose retain score drops more
-    than `max_retain_drop` are not eligible. Returns (best setting, every row).
-    """
-    if metric not in SWEEP_METRICS:
-        raise ValueError(f"sweep metric must be one of {SWEEP_METRICS}, got {metric!r}")
-    vanilla_dir = run_stage(c, "vanilla", log=log)
+def utility_drops(results: dict, vanilla: dict) -> dict[str, float]:
+    """{set: Vanilla's mean utility − this model's} for the utility sets both have."""
+    return {s: mean_score(vanilla, s) - mean_score(results, s) for s in UTILITY_SETS
+            if set_scores(vanilla, s) and set_scores(results, s)}
+
+
+def frontier(rows: list[dict]) -> list[int]:
+    """Indices of the rows no other row beats on both distance to the oracle and worst utility drop."""
+    out = []
+    for i, r in enumerate(rows):
+        dominated = any(o["distance"] <= r["distance"] and o["worst_drop"] <= r["worst_drop"]
+                        and (o["distance"] < r["distance"] or o["worst_drop"] < r["worst_drop"])
+                        for j, o in enumerate(rows) if j != i)
+        if not dominated:
+            out.append(i)
+    return out
+
+
+def expand_grid(grid: dict[str, list], budget: int, seed: int = 0) -> list[dict]:
+    """Exactly `budget` settings: the whole product when it has that many, a seeded sample of it when it has
+    more; fewer is an error (every method gets the same number of tries)."""
+    keys = sorted(grid)
+    settings = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+    if len(settings) < budget:
+        raise ValueError(f"the grid {grid} has {len(settings)} settings; the selection budget is {budget}")
+    if len(settings) > budget:
+        rng = np.random.default_rng([seed, 13])
+        settings = [settings[i] for i in sorted(rng.choice(len(settings), size=budget, replace=False))]
+    return settings
+
+
+def choose(rows: list[dict]) -> dict:
+    """{"chosen": index or None, "eligible": count, "frontier": indices, "reason": words}."""
+    eligible = [i for i, r in enumerate(rows) if r["eligible"]]
+    front = frontier(rows)
+    if not eligible:
+        return {"chosen": None, "eligible": 0, "frontier": front,
+                "reason": "no setting kept retain and real within the tolerance of Vanilla: nothing is chosen"}
+    best = min(eligible, key=lambda i: rows[i]["distance"])
+    return {"chosen": best, "eligible": len(eligible), "frontier": front,
+            "reason": f"closest to the Oracle of the {len(eligible)} eligible settings"}
+
+
+@dataclasses.dataclass
+class Validation:
+    """The validation split, the vanilla model and the references' scores on it."""
+
+    model: object
+    params: object
+    processor: object
+    bench: mllmu.Benchmark
+    ecfg: object
+    vanilla: dict
+    oracle: dict
+    key: str
+
+
+def selection_dir(c) -> Path:
+    return report_dir_for(c) / "selection"
+
+
+def prepare_validation(c, validation_people: int, max_people: int, log=print) -> Validation:
+    """Vanilla and Oracle on the validation split (cached under the report's selection/ directory)."""
+    if not oracle_enabled(c):
+        raise ValueError("selection needs the oracle (distance to it is the score): set oracle.enabled=True")
+    vanilla_dir, oracle_dir = run_stage(c, "vanilla", log=log), run_stage(c, "oracle", log=log)
+    if validation_people != c.data.validation_people:
+        raise ValueError(f"validation_people={validation_people}, but the oracle was retrained without "
+                         f"data.validation_people={c.data.validation_people} people: they must be the same people")
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), validation_people, c.seed)
-    ecfg = dataclasses.replace(eval_config(c), sets=("forget", "retain"), tasks=(metric,), option_likelihood=False,
-                               max_people=max_retain_people)
-    vanilla = evaluate(model, params, processor, bench, ecfg).results
-    v_forget, v_retain = mean_over_modes(vanilla, "forget", metric), mean_over_modes(vanilla, "retain", metric)
-    base_dir = run_stage(c, "base", log=log)
-    base_params = load_vanilla(c, base_dir)[1]
-    floor = mean_over_modes(evaluate(model, base_params, processor, bench, ecfg).results, "forget", metric)
-    del base_params
-    log(f"validation {metric}: vanilla forget {v_forget:.3f}, retain {v_retain:.3f}; base (never saw them) "
-        f"forget {floor:.3f}")
+    ecfg = dataclasses.replace(eval_config(c), tasks=("cloze",), option_likelihood=True, sets=("forget", "retain", "real"),
+                               max_people=max_people or None, bootstrap_resamples=200)
+    key = hashlib.sha256(json.dumps([str(vanilla_dir), str(oracle_dir), dataclasses.asdict(ecfg)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
+    cache = selection_dir(c) / "references.json"
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    if stored.get("key") != key:
+        log("scoring Vanilla and the Oracle on the validation people")
+        stored = {"key": key, "vanilla": evaluate(model, params, processor, bench, ecfg).results,
+                  "oracle": evaluate(model, load_vanilla(c, oracle_dir)[1], processor, bench, ecfg).results}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(cache, json.dumps(stored).encode())
+    return Validation(model, params, processor, bench, ecfg, stored["vanilla"], stored["oracle"], key)
+
+
+def score_setting(val: Validation, results: dict, tolerance: float) -> dict:
+    drops = utility_drops(results, val.vanilla)
+    worst = max(drops.values()) if drops else float("nan")
+    return {"distance": distance_to(results, val.oracle), "forget": set_scores(results, "forget"),
+            "drops": drops, "worst_drop": worst, "eligible": bool(drops) and worst <= tolerance}
+
+
+def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: int = DEFAULT_BUDGET,
+              tolerance: float = DEFAULT_TOLERANCE, validation_people: int | None = None, max_people: int = 40,
+              log=print) -> dict:
+    """Select `method`'s setting from `budget` settings of `grid` (see the module docstring); the result (every
+    row, the choice or its absence, the frontier) is also written to <report>/selection/<method>.json."""
+    validation_people = c.data.validation_people if validation_people is None else validation_people
+    val = prepare_validation(c, validation_people, max_people, log)
+    settings = expand_grid(grid, budget, c.seed)
+    log(f"{method}: {len(settings)} settings on {len(val.bench.forget)} validation people "
+        f"(eligible: retain and real within {tolerance:.0%} of Vanilla; score: distance to the Oracle)")
     rows = []
-    keys = sorted(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        setting = dict(zip(keys, values))
+    for setting in tqdm(settings, desc=f"selecting {method}", unit="setting", leave=False):
         t0 = time.perf_counter()
-        unlearned = run_method(with_method_settings(c, method, setting), method, model, params, processor, bench,
-                               log=lambda *_: None).params
-        seconds = time.perf_counter() - t0
-        res = evaluate(model, unlearned, processor, bench, ecfg).results
-        f, r = mean_over_modes(res, "forget", metric), mean_over_modes(res, "retain", metric)
-        progress = (v_forget - f) / max(v_forget - floor, 1e-9)
-        row = {**setting, "forget": f, "retain": r, "progress": progress,
-               "eligible": v_retain - r <= max_retain_drop, "seconds": seconds}
+        unlearned = run_method(with_method_settings(c, method, setting), method, val.model, val.params,
+                               val.processor, val.bench, log=lambda *_: None).params
+        results = evaluate(val.model, unlearned, val.processor, val.bench, val.ecfg).results
+        row = {"setting": setting, **score_setting(val, results, tolerance), "seconds": time.perf_counter() - t0}
         rows.append(row)
-        log(" ".join(f"{k}={v}" for k, v in setting.items()) + f"  forget {f:.3f} retain {r:.3f} progress {progress:.2f}"
-            + ("" if row["eligible"] else "  (retain drop too large)"))
-    eligible = [r for r in rows if r["eligible"]] or rows
-    best = max(eligible, key=lambda r: r["progress"])
-    return {k: best[k] for k in keys}, rows
+        log(f"  {format_setting(setting)}: distance {row['distance']:.3f}, utility drop "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in row["drops"].items()) + ("" if row["eligible"] else "  (not eligible)"))
+    out = {"method": method, "budget": budget, "tolerance": tolerance, "validation_people": len(val.bench.forget),
+           "retain_people": min(len(val.bench.retain), max_people or len(val.bench.retain)), "grid": grid,
+           "references": {"vanilla": {"forget": set_scores(val.vanilla, "forget"),
+                                      **{s: mean_score(val.vanilla, s) for s in UTILITY_SETS}},
+                          "oracle": {"forget": set_scores(val.oracle, "forget"),
+                                     "distance": distance_to(val.oracle, val.oracle),
+                                     "vanilla_distance": distance_to(val.vanilla, val.oracle)}},
+           "rows": rows, **choose(rows), "key": val.key}
+    path = selection_dir(c) / f"{method}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(out, indent=1).encode())
+    log(f"{method}: {out['reason']}" + (f": {format_setting(rows[out['chosen']]['setting'])}"
+                                         if out["chosen"] is not None else ""))
+    return out
+
+
+def format_setting(setting: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(setting.items()))
+
+
+def load_selections(c) -> dict[str, dict]:
+    """Every method's stored selection result for this config's report."""
+    root = selection_dir(c)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json")) if p.name != "references.json"}

@@ -44,9 +44,12 @@ def full_training_state(params, trainable_regex: str) -> tuple[dict, dict]:
     return trainable, {"params": rest}
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids")
+
+
 def model_inputs(batch: dict) -> dict:
-    """A batch's model keyword arguments (everything but the labels)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """A batch's model keyword arguments (labels and any per-token masks a method carries stay out)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 class Adapter:

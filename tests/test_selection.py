@@ -1,0 +1,50 @@
+"""The selection protocol's arithmetic: scores, eligibility, the frontier, the budget, "nothing eligible"."""
+
+from __future__ import annotations
+
+import pytest
+
+from vleraser_jax.experiment import sweep
+
+
+def results(forget, retain, real):
+    """Evaluation results with the same value for every selection metric and mode of a set."""
+    block = lambda v: {mode: {m: {"value": v} for m in sweep.SELECTION_METRICS} for mode in ("visual", "textual")}
+    return {"forget": block(forget), "retain": block(retain), "real": block(real)}
+
+
+def test_distance_and_drops():
+    vanilla, oracle = results(0.9, 0.8, 0.9), results(0.1, 0.8, 0.9)
+    assert sweep.distance_to(vanilla, oracle) == pytest.approx(0.8)
+    assert sweep.distance_to(results(0.3, 0.7, 0.9), oracle) == pytest.approx(0.2)
+    assert sweep.utility_drops(results(0.3, 0.7, 0.95), vanilla) == pytest.approx({"retain": 0.1, "real": -0.05})
+    with pytest.raises(ValueError, match="selection metric"):
+        sweep.distance_to({"forget": {}}, oracle)
+
+
+def row(distance, worst, eligible):
+    return {"distance": distance, "worst_drop": worst, "eligible": eligible}
+
+
+def test_choice_is_the_eligible_setting_closest_to_the_oracle():
+    rows = [row(0.5, 0.01, True), row(0.2, 0.04, True), row(0.1, 0.2, False), row(0.6, 0.02, True)]
+    out = sweep.choose(rows)
+    assert out["chosen"] == 1 and out["eligible"] == 3
+    assert out["frontier"] == [0, 1, 2]  # row 3 is beaten by row 0 on both axes
+
+
+def test_nothing_eligible_chooses_nothing_and_keeps_the_frontier():
+    rows = [row(0.5, 0.1, False), row(0.2, 0.3, False), row(0.6, 0.2, False)]
+    out = sweep.choose(rows)
+    assert out["chosen"] is None and out["eligible"] == 0 and "nothing is chosen" in out["reason"]
+    assert out["frontier"] == [0, 1]
+
+
+def test_every_method_gets_exactly_the_budget():
+    grid = {"a": [1, 2, 3], "b": [0.1, 0.2, 0.3, 0.4, 0.5]}
+    picked = sweep.expand_grid(grid, 12, seed=0)
+    assert len(picked) == 12 and len({tuple(sorted(p.items())) for p in picked}) == 12
+    assert picked == sweep.expand_grid(grid, 12, seed=0)  # seeded
+    assert len(sweep.expand_grid({"a": [1, 2, 3, 4], "b": [1, 2, 3]}, 12)) == 12
+    with pytest.raises(ValueError, match="budget is 12"):
+        sweep.expand_grid({"a": [1, 2]}, 12)
