@@ -63,6 +63,7 @@ def get_config():
     # from-scratch vision tower trained at the LLM's rate collapses to near-constant features, and
     # image-grounded facts are then never learned; a slow tower and a fast projector learn them.
     c.base.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
+    c.base.save_every = 250  # orbax checkpoints: an interrupted `make demo` resumes this stage where it stopped
 
     # Oracle = base fine-tuned on ft_Data without the forget and validation people (the model that never saw
     # them: the target of every "how far did unlearning get" number).
@@ -86,6 +87,7 @@ def get_config():
     c.oracle.lora_rank = 0  # 0: full fine-tune; 7B configs use MLLMU's LoRA r16 α16, merged afterwards
     c.oracle.lora_alpha = 16
     c.oracle.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
+    c.oracle.save_every = 250  # orbax checkpoints: an interrupted `make demo` resumes this stage where it stopped
 
     # Vanilla = the oracle fine-tuned on the excluded people (same formats), replaying the oracle's own data and
     # base data, so vanilla and oracle differ only by the forget (and validation) people.
@@ -108,6 +110,7 @@ def get_config():
     c.vanilla.lora_rank = 0
     c.vanilla.lora_alpha = 16
     c.vanilla.lr_multipliers = (("^vision/", 0.1), ("^projector/", 3.0))
+    c.vanilla.save_every = 250  # orbax checkpoints: an interrupted `make demo` resumes this stage where it stopped
 
     # Unlearning settings. The values below are each method's choice of `vleraser sweep` (the selection section:
     # the same budget of settings for every method, scored on the 10 validation people the oracle never saw,

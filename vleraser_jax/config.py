@@ -106,6 +106,19 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.vl_eraser.lora_alpha = 16.0
     c.vl_eraser.lambda_ = 0.5
     c.vl_eraser.ce_mode = "added"
+    # The choices the VL-Eraser issue (#18) measured on the tiny models, where they carry to 7B (README "VL-Eraser"):
+    # distill the person's name and answer tokens, not the template every person shares; the vacuum from every
+    # retain position (retain image keys left forget and retain answers equally outside their span), per-token
+    # keys, 99% of their energy kept (capped at the numerical rank); the least-squares deletion scale, so α = 1
+    # means "remove the distilled component" at any width instead of a raw α that needs re-tuning per model.
+    c.vl_eraser.distill_tokens = "entity"
+    c.vl_eraser.vacuum_source = "image+text"
+    c.vl_eraser.pooling = "tokens"
+    c.vl_eraser.threshold_mode = "energy"
+    c.vl_eraser.threshold = 0.99
+    c.vl_eraser.decomposition = "svd"  # of the second moment here: 7B keys never fit stacked (f64 host / f32 sharded)
+    c.vl_eraser.deletion_scale = "calibrated"
+    c.vl_eraser.deletion_strength = 1.0
     c.vl_eraser.steps = 100
     c.vl_eraser.batch_size = 4
     c.vl_eraser.learning_rate = 2e-5
@@ -133,7 +146,9 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
 
     # Shapes `vleraser plan` compiles (stage 1 uses vl_eraser.batch_size / max_length).
     c.plan = ml_collections.ConfigDict()
-    c.plan.retained_rank = 475  # vacuum basis columns: at most one per retain person (95% of 500)
+    # vacuum basis columns the planner budgets for: F/2 − 1, the most a compact basis holds (beyond it P is stored
+    # dense, F² per block); per-token keys of every retain position can retain that many at 99% energy
+    c.plan.retained_rank = 5503
     c.plan.image_size = image_size
     c.plan.generate_batch = 16
     c.plan.prompt_length = prompt_length

@@ -156,6 +156,33 @@ def _reference_scores(exp: Experiment, loaders: dict, log) -> None:
     write_report(exp.report_dir, "Vanilla", None, exp.meta, unlearning=summaries)
 
 
+def selection_dir(c) -> Path:
+    """Where `vleraser sweep` keeps each method's selection result (<report>/selection/<method>.json)."""
+    return report_dir_for(c) / "selection"
+
+
+def load_selections(c) -> dict[str, dict]:
+    """Every method's stored selection result for this config's report."""
+    root = selection_dir(c)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json")) if p.name != "references.json"}
+
+
+def selection_summary(c, methods: Sequence[str]) -> str:
+    """One line for the report header: how each run method's settings were chosen."""
+    stored = load_selections(c)
+    parts = []
+    for method in methods:
+        sel = stored.get(method)
+        if sel is None:
+            continue
+        what = (f"chosen of {len(sel['rows'])} ({sel['eligible']} eligible)" if sel["chosen"] is not None
+                else f"none of {len(sel['rows'])} eligible, frontier shown")
+        parts.append(f"{method}: {what}")
+    if not parts:
+        return "the config's settings (no selection results in selection/)"
+    return "; ".join(parts) + " — every setting in selection/selection.md"
+
+
 def _stored_meta(report_dir: Path) -> dict:
     path = report_dir / "results.json"
     return json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
@@ -171,6 +198,7 @@ def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
     tensorboard_on(c)  # fails early when TensorBoard logging is on without tensorboardX
     exp = prepare_experiment(c, log)
+    exp.meta["settings"] = selection_summary(c, methods)
     part = exp.timings.part
     done = load_diagnostics(exp.report_dir)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # "the same run" of the cost ratios

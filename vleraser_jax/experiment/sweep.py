@@ -29,7 +29,7 @@ from ..processing import load_processor
 from ..train.stages import run_stage
 from ..train.workspace import data_root, oracle_enabled
 from .methods import eval_config, run_method, with_method_settings
-from .runner import load_vanilla, report_dir_for
+from .runner import load_selections, load_vanilla, selection_dir  # noqa: F401 (load_selections: the API)
 
 SELECTION_METRICS = ("cloze", "option_acc")
 UTILITY_SETS = ("retain", "real")
@@ -118,10 +118,6 @@ class Validation:
     key: str
 
 
-def selection_dir(c) -> Path:
-    return report_dir_for(c) / "selection"
-
-
 def prepare_validation(c, validation_people: int, max_people: int, log=print) -> Validation:
     """Vanilla and Oracle on the validation split (cached under the report's selection/ directory)."""
     if not oracle_enabled(c):
@@ -194,8 +190,3 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: in
 def format_setting(setting: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(setting.items()))
 
-
-def load_selections(c) -> dict[str, dict]:
-    """Every method's stored selection result for this config's report."""
-    root = selection_dir(c)
-    return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json")) if p.name != "references.json"}
