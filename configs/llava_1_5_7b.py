@@ -21,7 +21,10 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""  # the local llava-1.5-7b-hf directory (set it)
-    c.model.dtype = "bfloat16"  # compute; parameters stay f32 master weights
+    c.model.dtype = "bfloat16"  # compute
+    # loaded weights held in bf16: only LoRAs train (f32), so f32 copies of 7B frozen weights would be 27 GB for
+    # nothing (`vleraser plan`: stage 1 then fits one 80 GB GPU); full-parameter training keeps f32 masters
+    c.model.frozen_dtype = "bfloat16"
     c.model.attention = "cudnn"  # GPUs: cuDNN flash attention; use "xla" on TPU / CPU
     c.model.remat = "full"  # decoder layers recomputed in the backward pass
     # llava-hf/llava-1.5-7b-hf config.json (Vicuna-7B v1.5 + CLIP ViT-L/14-336).

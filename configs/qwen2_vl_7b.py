@@ -22,6 +22,7 @@ def get_config():
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""  # the local Qwen2-VL-7B-Instruct directory (set it)
     c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"  # as llava_1_5_7b: only LoRAs train, frozen weights in the compute dtype
     c.model.attention = "cudnn"  # GPUs: cuDNN flash attention; use "xla" on TPU / CPU
     c.model.remat = "full"
     # Qwen/Qwen2-VL-7B-Instruct config.json.

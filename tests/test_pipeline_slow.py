@@ -11,7 +11,8 @@ import pytest
 
 from vleraser_jax.config import load_config
 from vleraser_jax.experiment.runner import run_experiment
-from vleraser_jax.experiment.sweep import load_selections, run_sweep
+from vleraser_jax.experiment.runner import load_selections
+from vleraser_jax.experiment.sweep import run_sweep
 from vleraser_jax.train.stages import run_stage
 from vleraser_jax.train.workspace import stage_dir
 

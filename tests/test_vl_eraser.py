@@ -10,7 +10,7 @@ from conftest import llava_inputs
 from flax import traverse_util
 
 from vleraser_jax.checkpoints import load_pretrained
-from vleraser_jax.models.layers import lora_delta, vacuum_project
+from vleraser_jax.models.layers import vacuum_project
 from vleraser_jax.unlearn import lora as lora_lib
 from vleraser_jax.unlearn import trainer as tr
 from vleraser_jax.unlearn import vacuum
@@ -172,7 +172,7 @@ def test_lora_targets_by_regex_and_layers(setup):
 
 def test_distill_loss_is_zero_when_the_student_copies_the_teacher(setup):
     model, params, config, retain, _, _ = setup
-    f, d = config.text.intermediate_size, config.text.hidden_size
+    d = config.text.hidden_size
     flat = traverse_util.flatten_dict(params)
     lora = {"llm": {}}
     for i in range(config.text.num_hidden_layers):

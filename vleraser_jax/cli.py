@@ -199,7 +199,8 @@ def cmd_sweep(args) -> int:
     from .config import _literal, load_config
     from .eval.report_selection import write_selection_report
     from .experiment.methods import method_title
-    from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, load_selections, run_sweep, selection_dir
+    from .experiment.runner import load_selections, selection_dir
+    from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, run_sweep
 
     c = load_config(args.config, args.overrides)
     selection = c.get("selection") or {}

@@ -153,6 +153,6 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     c.plan.generate_batch = 16
     c.plan.prompt_length = prompt_length
     c.plan.max_new_tokens = 50
-    c.plan.frozen_dtype = ""  # "": f32 master weights; "bfloat16": the frozen base in bf16 (only the LoRA trains)
+    c.plan.frozen_dtype = ""  # "": as the runtime (model.frozen_dtype); "float32" / "bfloat16" to compare
     c.plan.device_memory_gb = 0.0  # 0: do not judge; or pass --device-memory
     return c

@@ -138,6 +138,12 @@ def _analyse(name: str, shapes: str, lowered) -> ProgramPlan:
                        seconds)
 
 
+def frozen_dtype(c) -> str | None:
+    """The dtype stage 1 holds the frozen parameters in: `plan.frozen_dtype` when set (what-if), else the runtime's
+    `model.frozen_dtype` (None: f32)."""
+    return (c.get("plan") or {}).get("frozen_dtype") or c.model.get("frozen_dtype") or None
+
+
 def distill_program(c, model, sharder, batch: int | None = None, length: int | None = None):
     """Lowered VL-Eraser distillation train step (LoRA on every block's down_proj behind its vacuum projector)."""
     import jax
@@ -154,7 +160,7 @@ def distill_program(c, model, sharder, batch: int | None = None, length: int | N
                              distill_tokens=v.get("distill_tokens", vle.VLEraserConfig.distill_tokens))
     b = batch or v.batch_size
     t = length or v.max_length
-    params = abstract_params(model, sharder, dtype=p.get("frozen_dtype") or None)
+    params = abstract_params(model, sharder, dtype=frozen_dtype(c))
     lora = jax.eval_shape(lambda prm: lora_lib.init(prm, cfg.rank, cfg.lora_alpha, jax.random.PRNGKey(0),
                                                      b_std=cfg.lora_b_std), params)
     trainable, scales = lora_lib.split_trainable(lora)
@@ -234,7 +240,7 @@ def plan(c, mesh: str, programs=("distill", "generate"), backend: str = "cpu") -
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs())["params"])))
     info = {"mesh": mesh_shape(sizes, n), "devices": n, "backend": jax.default_backend(),
-            "frozen_dtype": (c.get("plan") or {}).get("frozen_dtype") or "float32",
+            "frozen_dtype": frozen_dtype(c) or "float32",
             "attention": attention, "remat": model.config.remat, "dtype": model.config.dtype,
             "parameters": params}
     return out, info

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from ..processing import load_processor
 from ..train.stages import run_stage
 from ..train.workspace import data_root, oracle_enabled
 from .methods import eval_config, run_method, with_method_settings
-from .runner import load_selections, load_vanilla, selection_dir  # noqa: F401 (load_selections: the API)
+from .runner import load_vanilla, selection_dir
 
 SELECTION_METRICS = ("cloze", "option_acc")
 UTILITY_SETS = ("retain", "real")

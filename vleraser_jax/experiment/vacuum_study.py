@@ -21,7 +21,6 @@ import numpy as np
 
 from ..data import mllmu
 from ..data.batching import indexed_batches, qa_example, rows_by_group, tokenize
-from ..data.splits import people_rows
 from ..unlearn import vacuum
 from ..unlearn import vl_eraser as vle
 

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from ..data import synthetic
 from ..unlearn.trainer import require_tensorboard
 
@@ -142,5 +144,8 @@ def processor_dir(config, tok_dir: Path, path: Path) -> Path:
 
 
 def model_runtime(c) -> dict:
-    """How a loaded checkpoint runs (compute dtype, attention backend, remat policy), from `c.model`."""
-    return {"dtype": c.model.dtype, "attention_impl": c.model.attention, "remat": c.model.get("remat")}
+    """How a loaded checkpoint runs (compute dtype, attention backend, remat policy, the dtype parameters are
+    held in), from `c.model`. `model.frozen_dtype` "bfloat16" holds every loaded weight in bf16: LoRA methods train
+    f32 adapters over it, full-parameter training keeps f32 masters of what it trains (`full_training_state`)."""
+    return {"dtype": c.model.dtype, "attention_impl": c.model.attention, "remat": c.model.get("remat"),
+            "param_dtype": jnp.dtype(c.model.get("frozen_dtype") or "float32")}

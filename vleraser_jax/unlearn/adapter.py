@@ -39,8 +39,10 @@ def lora_training_state(params, lora, vacuum_projectors=None) -> tuple[dict, dic
 
 
 def full_training_state(params, trainable_regex: str) -> tuple[dict, dict]:
-    """(trainable, frozen) to train the parameters whose path matches `trainable_regex` directly."""
+    """(trainable, frozen) to train the parameters whose path matches `trainable_regex` directly; what trains is
+    held in f32 (its master copy) whatever the dtype the rest is held in."""
     trainable, rest = partition(params, trainable_regex)
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
     return trainable, {"params": rest}
 
 

@@ -113,5 +113,7 @@ def merge(params, lora, projectors=None, sign: float = 1.0):
         if key not in flat:
             raise KeyError(f"LoRA entry {module!r} has no kernel in the parameters")
         kernel = flat[key]
-        new[key] = (kernel + sign * delta_kernel(entry, proj.get(module)).astype(kernel.dtype)).astype(kernel.dtype)
+        # in f32, rounded once: a bf16 kernel must not round the sum step by step
+        new[key] = (kernel.astype(jnp.float32) + sign * delta_kernel(entry, proj.get(module)).astype(jnp.float32)
+                    ).astype(kernel.dtype)
     return traverse_util.unflatten_dict(new)
