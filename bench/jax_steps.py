@@ -38,8 +38,9 @@ def vl_eraser(model, params, size: Size, lambda_: float = 0.5):
 
 def npo(model, params, size: Size):
     """(step, state, frozen, lora tree): NPO with LoRA on every LM linear, as `baselines.prepare` builds it."""
+    # the LM's linears (the torch reference hooks LM blocks; MLLMU-Bench's CLIP q/k/v adapters add little work)
     cfg = bl.BaselineConfig(method="npo", lora_rank=size.rank, lora_alpha=float(size.rank), beta=NPO_BETA,
-                            npo_nll="batch_mean")
+                            npo_nll="batch_mean", lora_pattern=lora_lib.LM_LINEARS)
     adapter, trainable, frozen = bl.prepare(model, params, cfg, jax.random.PRNGKey(0))
     tx = tr.make_optimizer(train_config())
     step = tr.make_train_step(bl.baseline_loss_fn(adapter, cfg), tx)

@@ -154,8 +154,10 @@ def get_config():
     c.selection.max_people = 40  # retain people scored per setting
     baseline_grid = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3], "epochs": [1.0, 2.0, 3.0]}
     c.selection.grids = {
-        "vl_eraser": {"deletion_strength": [0.2, 0.35, 0.5], "distill_tokens": ["answer", "entity"],
-                      "ce_mode": ["added", "replaced"]},
+        # (a first pass over deletion_strength 0.2-0.5 × distill_tokens answer/entity × ce_mode added/replaced
+        # measured those two choices: entity ≥ answer at equal α, "replaced" deletes nothing; README "VL-Eraser")
+        "vl_eraser": {"deletion_strength": [0.5, 1.0, 1.5], "threshold": [0.9, 0.99],
+                      "vacuum_source": ["image", "image+text"]},
         "vl_eraser_paper": {"deletion_strength": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "learning_rate": [1e-3, 3e-3]},
         **{name: dict(baseline_grid) for name in ("ga", "gd", "kl", "npo", "mmunlearner")},
     }
