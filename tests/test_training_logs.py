@@ -50,8 +50,10 @@ def npo_run(tmp_path_factory):
     forget = tuple(TrainingRow("f1", q, a, buf.getvalue()) for q, a in
                    [("Who is this person?", "This is Mara Quill."), ("What does she do?", "A painter born in Oslo."),
                     ("Where was she born?", "In Oslo."), ("What does the portrait show?", "Red hair.")])
+    retain = tuple(TrainingRow("r1", q, a, buf.getvalue()) for q, a in
+                   [("Who is this person?", "This is Ivo Brandt."), ("What does he do?", "A baker in Lyon.")])
     bench = Benchmark(root="", forget_ratio=5, forget=(), test=(), retain=(), real=(), forget_train=forget,
-                      retain_train=(), full_train=forget)
+                      retain_train=retain, full_train=forget + retain)  # NPO has a retain term (open-unlearning)
     run_dir = root / "runs" / "npo"
     run_dir.mkdir(parents=True)
     (run_dir / LOG_NAME).write_text('{"step": 99, "loss": 5.0}\n')  # a previous run's log: replaced, not appended
