@@ -29,7 +29,7 @@ MICRO = [
 
 
 @pytest.mark.slow
-def test_micro_pipeline_end_to_end(tmp_path):
+def test_micro_pipeline_end_to_end(tmp_path, monkeypatch):
     c = load_config("configs/tiny_llava.py", MICRO + [f"--config.work_dir={tmp_path}"])
     c.vl_eraser = {"steps": 2, "batch_size": 4, "rank": 2}
     c.baselines = {"run": {"batch_size": 8, "learning_rate": 1e-4}}
@@ -56,6 +56,16 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert rows[0]["distance"] == pytest.approx(out["references"]["oracle"]["vanilla_distance"])
     assert out["validation_people"] == 2 and (out["chosen"] in (0, 1) or out["eligible"] == 0)
     assert load_selections(c)["vl_eraser"]["rows"] == json.loads(json.dumps(rows))
+    # a rerun (say after a kill) reuses the finished trials instead of training them again
+    import vleraser_jax.experiment.sweep as sweep_module
+
+    def no_training(*_, **__):
+        raise AssertionError("a finished trial was trained again")
+
+    monkeypatch.setattr(sweep_module, "run_method", no_training)
+    again = run_sweep(c, {"deletion_strength": [0.0, 1.0]}, budget=2, log=lambda *_: None)
+    assert json.loads(json.dumps(again["rows"])) == json.loads(json.dumps(rows))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="budget"):
         run_sweep(c, {"deletion_strength": [1.0]}, budget=2)
     # the same protocol for a baseline: learning rate 0 leaves the model as it was

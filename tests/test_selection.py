@@ -48,3 +48,15 @@ def test_every_method_gets_exactly_the_budget():
     assert len(sweep.expand_grid({"a": [1, 2, 3, 4], "b": [1, 2, 3]}, 12)) == 12
     with pytest.raises(ValueError, match="budget is 12"):
         sweep.expand_grid({"a": [1, 2]}, 12)
+
+
+def test_finished_trials_survive_a_cut_off_line(tmp_path):
+    import ml_collections
+
+    c = ml_collections.ConfigDict({"work_dir": str(tmp_path), "name": "t", "data": {"forget_ratio": 15}})
+    sweep.record_row(c, "ga", "a1", {"distance": 0.5})
+    sweep.record_row(c, "ga", "b2", {"distance": 0.25})
+    path = sweep.trials_path(c, "ga")
+    path.write_text(path.read_text() + '{"id": "c3", "ro')  # a run killed mid-write
+    assert sweep.finished_rows(c, "ga") == {"a1": {"distance": 0.5}, "b2": {"distance": 0.25}}
+    assert sweep.finished_rows(c, "npo") == {}

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -160,14 +161,21 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: in
     settings = expand_grid(grid, budget, c.seed)
     log(f"{method}: {len(settings)} settings on {len(val.bench.forget)} validation people "
         f"(eligible: retain and real within {tolerance:.0%} of Vanilla; score: distance to the Oracle)")
-    rows = []
+    rows, done = [], finished_rows(c, method)
+    if any(setting_id(c, method, s, val.key) in done for s in settings):
+        log(f"{method}: reusing the settings a previous run of this selection finished")
     for setting in tqdm(settings, desc=f"selecting {method}", unit="setting", leave=False):
+        row_id = setting_id(c, method, setting, val.key)
+        if row_id in done:
+            rows.append(done[row_id])
+            continue
         t0 = time.perf_counter()
         unlearned = run_method(with_method_settings(c, method, setting), method, val.model, val.params,
                                val.processor, val.bench, log=lambda *_: None).params
         results = evaluate(val.model, unlearned, val.processor, val.bench, val.ecfg).results
         row = {"setting": setting, **score_setting(val, results, tolerance), "seconds": time.perf_counter() - t0}
         rows.append(row)
+        record_row(c, method, row_id, row)
         log(f"  {format_setting(setting)}: distance {row['distance']:.3f}, utility drop "
             + ", ".join(f"{k} {v:+.3f}" for k, v in row["drops"].items()) + ("" if row["eligible"] else "  (not eligible)"))
     out = {"method": method, "budget": budget, "tolerance": tolerance, "validation_people": len(val.bench.forget),
@@ -184,6 +192,38 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: in
     log(f"{method}: {out['reason']}" + (f": {format_setting(rows[out['chosen']]['setting'])}"
                                          if out["chosen"] is not None else ""))
     return out
+
+
+def setting_id(c, method: str, setting: dict, validation_key: str) -> str:
+    """Identity of one trial: the references' key and the whole resolved config it runs under (minus paths)."""
+    resolved = with_method_settings(c, method, setting).to_dict()
+    resolved.pop("work_dir", None)
+    blob = json.dumps([validation_key, method, resolved], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trials_path(c, method: str) -> Path:
+    return selection_dir(c) / f"{method}.trials.jsonl"
+
+
+def finished_rows(c, method: str) -> dict[str, dict]:
+    """{trial id: row} of the trials a previous (possibly killed) run finished; a cut-off last line is ignored."""
+    path, out = trials_path(c, method), {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[record["id"]] = record["row"]
+    return out
+
+
+def record_row(c, method: str, row_id: str, row: dict) -> None:
+    path = trials_path(c, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": row_id, "row": row}) + "\n")
 
 
 def format_setting(setting: dict) -> str:
