@@ -1,12 +1,13 @@
-"""JAX vs PyTorch, side by side in one run on this machine: VL-Eraser stage-1 step, NPO step, greedy
-generation, peak memory, and utilisation against the measured dense-matmul peak.
+"""JAX vs PyTorch eager and torch.compile, side by side in one run on this machine: VL-Eraser stage-1 step, NPO
+step, greedy generation, peak memory, and utilisation against both libraries' measured dense-matmul peaks.
 
-    python -m bench.run_bench --sizes tiny small [1b] [--steps 7] [--json bench/results.json]
+    python -m bench.run_bench --sizes tiny small 1b --steps 7 --warmup 2 --gen-reps 5 --json bench/results.json
 
-Timings are interleaved pair by pair (JAX step, torch step, JAX step, ...), so a change in background load
-hits both sides; each ratio is torch/JAX of one pair, and the table gives medians. Peak memory comes from
-one child process per framework and size (VmHWM, reset between tasks), so neither framework's memory
-counts against the other.
+Timings are interleaved step by step (JAX, torch eager, torch.compile, JAX, ...), so a change in background load
+hits every side; each ratio is torch/JAX of one such round, and the tables give medians (min–max). torch.compile
+(inductor, default mode; generation: transformers' static cache with the forward compiled) is timed after its
+compile, which is reported apart. Peak memory comes from one child process per framework and size (VmHWM,
+reset between tasks), so no framework's memory counts against another.
 """
 
 from __future__ import annotations
@@ -74,15 +75,32 @@ def _torch_model(path):
     return model
 
 
-def _torch_generate(model, prompt, new_tokens):
+def _torch_generate(model, prompt, new_tokens, static: bool = False):
     import torch
 
+    extra = {"cache_implementation": "static"} if static else {}
     with torch.no_grad():
         out = model.generate(input_ids=torch.as_tensor(prompt["input_ids"]).long(),
                              attention_mask=torch.as_tensor(prompt["attention_mask"]).long(),
                              pixel_values=torch.as_tensor(prompt["pixel_values"]), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, **extra)
     return out[:, prompt["input_ids"].shape[1]:].numpy()
+
+
+def _compiled_torch_model(path):
+    """A second torch model whose forward is torch.compile'd (inductor, default mode); generation uses a static
+    cache so the decode step keeps one shape."""
+    import torch
+
+    model = _torch_model(path)
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
+
+
+def _compiled_loss(loss):
+    import torch
+
+    return torch.compile(loss, dynamic=False)
 
 
 # ------------------------------------------------------------------ JAX side
@@ -130,7 +148,62 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
 # ------------------------------------------------------------------ one size, pair by pair
 
 
-def bench_size(size: models.Size, steps: int, warmup: int, gen_reps: int, ckpt: str, log) -> dict:
+def _rounds(name, jstep, state, frozen, jbatch, torch_steps: dict, tbatch, analytic, steps, warmup, log) -> dict:
+    """Interleaved rounds: the JAX step, then each torch step (eager, compiled) on the same batch."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jstep.lower(state, frozen, jbatch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    times = {"jax": [], **{k: [] for k in torch_steps}}
+    firsts = {}
+    losses = {"jax": [], **{k: [] for k in torch_steps}}
+    for i in range(warmup + steps):
+        t_j, (state, metrics) = _timed(lambda: jax.block_until_ready(compiled(state, frozen, jbatch)))
+        losses["jax"].append(float(metrics["loss"]))
+        if i >= warmup:
+            times["jax"].append(t_j)
+        for fw, step in torch_steps.items():
+            t_t, loss = _timed(lambda: step(tbatch))
+            if i == 0:
+                firsts[fw] = t_t
+            losses[fw].append(float(loss))
+            if i >= warmup:
+                times[fw].append(t_t)
+    out = {"compile_s": compile_s, "xla_flops": float(cost["flops"]), "analytic_flops": analytic, "n": steps,
+           "jax_s": _median(times["jax"]), "jax_all_s": times["jax"]}
+    for fw in torch_steps:
+        ratios = [t / j for t, j in zip(times[fw], times["jax"])]
+        med = _median(times[fw])
+        out[fw] = {"s": med, "all_s": times[fw], "ratio": _median(ratios), "ratio_min": min(ratios),
+                   "ratio_max": max(ratios), "first_step_s": firsts[fw],
+                   # the compiled step's first call holds its compile (the eager one's only warm-up)
+                   "compile_s": max(firsts[fw] - med, 0.0) if fw == "torch_compile" else 0.0,
+                   "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses["jax"], losses[fw]))}
+    log(f"  {name}: jax {out['jax_s'] * 1e3:.1f} ms (compile {compile_s:.1f} s); " + "; ".join(
+        f"{fw} {out[fw]['s'] * 1e3:.1f} ms, torch/jax {out[fw]['ratio']:.2f}, loss rel diff "
+        f"{out[fw]['max_loss_rel_diff']:.1e}" for fw in torch_steps))
+    return out
+
+
+def _torch_steps(models_by_fw: dict, make_lora, loss) -> tuple[dict, list]:
+    """{framework: ref.Step} over each torch model (eager and compiled), and the LoRA hooks to remove after."""
+    from . import jax_steps
+    from . import torch_reference as ref
+
+    steps, hooks = {}, []
+    for fw, tmodel in models_by_fw.items():
+        tl = make_lora(tmodel)
+        hooks.append(tl)
+        fn = _compiled_loss(loss) if fw == "torch_compile" else loss
+        steps[fw] = ref.Step(tl, fn, jax_steps.LR, jax_steps.WEIGHT_DECAY, max_grad_norm=jax_steps.MAX_GRAD_NORM)
+    return steps, hooks
+
+
+def bench_size(size: models.Size, steps: int, warmup: int, gen_reps: int, ckpt: str, log,
+               compile_torch: bool = True) -> dict:
     import jax
 
     from vleraser_jax.checkpoints import load_pretrained
@@ -139,80 +212,67 @@ def bench_size(size: models.Size, steps: int, warmup: int, gen_reps: int, ckpt: 
     from . import torch_reference as ref
 
     _torch_setup()
-    tmodel = _torch_model(ckpt)
+    torch_models = {"torch_eager": _torch_model(ckpt)}
+    if compile_torch:
+        torch_models["torch_compile"] = _compiled_torch_model(ckpt)
     model, params, _ = load_pretrained(ckpt)
     res: dict = {"size": size.name, "params": models.param_count(params), "batch": size.batch, "seq": size.seq_len}
     batch = models.make_batch(size)
     tbatch = ref.to_torch(batch)
     flops_a = models.analytic_matmul_flops(size, size.batch, size.seq_len)
 
-    def pairs(name, jstep, state, frozen, jbatch, tstep, analytic):
-        t0 = time.perf_counter()
-        compiled = jstep.lower(state, frozen, jbatch).compile()
-        compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        jt, tt, ratios, jl, tl = [], [], [], [], []
-        first_torch = None
-        for i in range(warmup + steps):
-            t_j, (state, metrics) = _timed(lambda: jax.block_until_ready(compiled(state, frozen, jbatch)))
-            t_t, loss = _timed(lambda: tstep(tbatch))
-            if i == 0:
-                first_torch = t_t
-            jl.append(float(metrics["loss"]))
-            tl.append(float(loss))
-            if i >= warmup:
-                jt.append(t_j)
-                tt.append(t_t)
-                ratios.append(t_t / t_j)
-        out = {"compile_s": compile_s, "torch_first_step_s": first_torch, "jax_s": _median(jt),
-               "torch_s": _median(tt), "ratio": _median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "jax_all_s": jt, "torch_all_s": tt, "xla_flops": float(cost["flops"]), "analytic_flops": analytic,
-               "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(jl, tl)), "n": steps}
-        log(f"  {name}: jax {out['jax_s'] * 1e3:.1f} ms, torch {out['torch_s'] * 1e3:.1f} ms, torch/jax "
-            f"{out['ratio']:.2f} (compile {compile_s:.1f} s), loss rel diff {out['max_loss_rel_diff']:.1e}")
-        return out
-
-    # VL-Eraser stage 1: LM fwd + its input-gradient backward (≈ 2 LM fwd) + the vision tower fwd
+    # VL-Eraser stage 1: the teacher's LoRA-free forward, the CE forward + its backward, the vision tower
     jstep, state, frozen, lora, projectors = jax_steps.vl_eraser(model, params, size)
-    tl = ref.TorchLoRA(tmodel, jax.device_get(lora), jax.device_get(projectors))
-    tstep = ref.Step(tl, lambda l, b: ref.vl_eraser_loss(l, b, 0.5), jax_steps.LR, jax_steps.WEIGHT_DECAY,
-                     max_grad_norm=jax_steps.MAX_GRAD_NORM)
-    res["vl_eraser"] = pairs("vl_eraser", jstep, state, frozen, batch, tstep, flops_a["vision"] + 2 * flops_a["lm"])
-    tl.remove()
+    lora_np, proj_np = jax.device_get(lora), jax.device_get(projectors)
+    tsteps, hooks = _torch_steps(torch_models, lambda m: ref.TorchLoRA(m, lora_np, proj_np),
+                                 lambda l, b: ref.vl_eraser_loss(l, b, 0.5))
+    res["vl_eraser"] = _rounds("vl_eraser", jstep, state, frozen, batch, tsteps, tbatch,
+                               2 * flops_a["vision"] + 3 * flops_a["lm"], steps, warmup, log)
+    for h in hooks:
+        h.remove()
     del jstep, state, frozen
 
     # NPO: the same plus a no-grad reference forward (vision + LM)
     jstep, state, frozen, lora = jax_steps.npo(model, params, size)
-    tl = ref.TorchLoRA(tmodel, jax.device_get(lora), capture=None)
-    tstep = ref.Step(tl, lambda l, b: ref.npo_loss(l, b, jax_steps.NPO_BETA), jax_steps.LR,
-                     jax_steps.WEIGHT_DECAY, max_grad_norm=jax_steps.MAX_GRAD_NORM)
-    res["npo"] = pairs("npo", jstep, state, frozen, {"forget": batch}, tstep,
-                       2 * flops_a["vision"] + 3 * flops_a["lm"])
-    tl.remove()
+    lora_np = jax.device_get(lora)
+    tsteps, hooks = _torch_steps(torch_models, lambda m: ref.TorchLoRA(m, lora_np, capture=None),
+                                 lambda l, b: ref.npo_loss(l, b, jax_steps.NPO_BETA))
+    res["npo"] = _rounds("npo", jstep, state, frozen, {"forget": batch}, tsteps, tbatch,
+                         2 * flops_a["vision"] + 3 * flops_a["lm"], steps, warmup, log)
+    for h in hooks:
+        h.remove()
     del jstep, state, frozen
+    res["generate"] = bench_generate(size, model, params, torch_models, gen_reps, log)
+    return res
 
-    # greedy generation, batch 1: prefill (image + prompt) then new_tokens decode steps
+
+def bench_generate(size, model, params, torch_models: dict, gen_reps: int, log) -> dict:
+    """Greedy generation, batch 1: prefill (image + prompt) then new_tokens decode steps; eager torch with its
+    dynamic cache, compiled torch with a static cache."""
     prompt = models.make_prompt(size)
     n_new = size.gen_new_tokens
-    first_jax, jtok = _timed(lambda: _jax_generate(model, params, prompt, n_new))
-    first_torch, ttok = _timed(lambda: _torch_generate(tmodel, prompt, n_new))
-    jt, tt, ratios = [], [], []
+    runners = {"jax": lambda: _jax_generate(model, params, prompt, n_new),
+               **{fw: (lambda m=m, fw=fw: _torch_generate(m, prompt, n_new, static=fw == "torch_compile"))
+                  for fw, m in torch_models.items()}}
+    first = {fw: _timed(run) for fw, run in runners.items()}
+    times = {fw: [] for fw in runners}
+    tokens = {fw: out for fw, (_, out) in first.items()}
     for _ in range(gen_reps):
-        t_j, jtok = _timed(lambda: _jax_generate(model, params, prompt, n_new))
-        t_t, ttok = _timed(lambda: _torch_generate(tmodel, prompt, n_new))
-        jt.append(t_j)
-        tt.append(t_t)
-        ratios.append(t_t / t_j)
-    res["generate"] = {"new_tokens": n_new, "prompt_len": int(prompt["input_ids"].shape[1]),
-                       "jax_first_call_s": first_jax, "torch_first_call_s": first_torch,
-                       "jax_tok_s": n_new / _median(jt), "torch_tok_s": n_new / _median(tt), "ratio": _median(ratios),
-                       "ratio_min": min(ratios), "ratio_max": max(ratios), "jax_all_s": jt, "torch_all_s": tt,
-                       "tokens_equal": bool(np.array_equal(jtok, ttok)), "n": gen_reps}
-    g = res["generate"]
-    log(f"  generate: jax {g['jax_tok_s']:.1f} tok/s, torch {g['torch_tok_s']:.1f} tok/s, jax/torch speed "
-        f"{g['ratio']:.2f}, tokens equal: {g['tokens_equal']}")
-    return res
+        for fw, run in runners.items():
+            t, tokens[fw] = _timed(run)
+            times[fw].append(t)
+    out = {"new_tokens": n_new, "prompt_len": int(prompt["input_ids"].shape[1]), "n": gen_reps,
+           "jax_first_call_s": first["jax"][0], "jax_tok_s": n_new / _median(times["jax"]), "jax_all_s": times["jax"]}
+    for fw in torch_models:
+        speed = [t / j for t, j in zip(times[fw], times["jax"])]
+        out[fw] = {"tok_s": n_new / _median(times[fw]), "ratio": _median(speed), "ratio_min": min(speed),
+                   "ratio_max": max(speed), "first_call_s": first[fw][0], "all_s": times[fw],
+                   "compile_s": max(first[fw][0] - _median(times[fw]), 0.0) if fw == "torch_compile" else 0.0,
+                   "tokens_equal": bool(np.array_equal(tokens["jax"], tokens[fw]))}
+    log("  generate: jax " + f"{out['jax_tok_s']:.1f} tok/s; " + "; ".join(
+        f"{fw} {out[fw]['tok_s']:.1f} tok/s, jax/torch speed {out[fw]['ratio']:.2f}, same tokens "
+        f"{out[fw]['tokens_equal']}" for fw in torch_models))
+    return out
 
 
 # ------------------------------------------------------------------ memory children
@@ -254,17 +314,19 @@ def memory_child(framework: str, size: models.Size, ckpt: str) -> dict:
         from . import torch_reference as ref
 
         _torch_setup()
-        tmodel = _torch_model(ckpt)
+        compiled = framework == "torch_compile"
+        tmodel = _compiled_torch_model(ckpt) if compiled else _torch_model(ckpt)
+        wrap = _compiled_loss if compiled else (lambda f: f)
         out["rss_model_mb"] = _rss_kb("VmRSS") / 1024
         tbatch = ref.to_torch(batch)
         for name in ("vl_eraser", "npo"):
             rss0 = _reset_peak()
             if name == "vl_eraser":
                 tl = ref.TorchLoRA(tmodel, models.lora_tree_np(size), models.vle_projectors(size))
-                step = ref.Step(tl, lambda l, b: ref.vl_eraser_loss(l, b, 0.5), 1e-3, 0.01)
+                step = ref.Step(tl, wrap(lambda l, b: ref.vl_eraser_loss(l, b, 0.5)), 1e-3, 0.01)
             else:
                 tl = ref.TorchLoRA(tmodel, models.lora_tree_np(size, models.LM_LINEARS), capture=None)
-                step = ref.Step(tl, lambda l, b: ref.npo_loss(l, b, 0.4), 1e-3, 0.01)
+                step = ref.Step(tl, wrap(lambda l, b: ref.npo_loss(l, b, 0.4)), 1e-3, 0.01)
             for _ in range(2):
                 step(tbatch)
             out[name] = {"rss_before_mb": rss0 / 1024, "peak_mb": _rss_kb("VmHWM") / 1024}
@@ -272,7 +334,7 @@ def memory_child(framework: str, size: models.Size, ckpt: str) -> dict:
             del tl, step
         rss0 = _reset_peak()
         for _ in range(2):
-            _torch_generate(tmodel, prompt, size.gen_new_tokens)
+            _torch_generate(tmodel, prompt, size.gen_new_tokens, static=compiled)
         out["generate"] = {"rss_before_mb": rss0 / 1024, "peak_mb": _rss_kb("VmHWM") / 1024}
     return out
 
@@ -308,40 +370,52 @@ def machine_info() -> dict:
             "transformers": __import__("transformers").__version__, "load_avg_start": os.getloadavg()}
 
 
+TORCH_FRAMEWORKS = ("torch_eager", "torch_compile")
+
+
+def _frameworks(r: dict) -> list[str]:
+    return [fw for fw in TORCH_FRAMEWORKS if fw in r["vl_eraser"]]
+
+
 def tables(results: dict) -> str:
-    peak = results["matmul"]["peak_gflops"]
+    mm = results["matmul"]
     m = results["machine"]
+    peaks = {"jax": mm["jax_gflops"], "torch_eager": mm["torch_gflops"], "torch_compile": mm["torch_gflops"]}
     lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (affinity {m['affinity']}), {m['mem_gb']:.0f} GB; "
              f"jax {m['jax']} ({m['jax_backend']}), torch {m['torch']} ({m['torch_threads']} threads), "
              f"transformers {m['transformers']}; load average at start {m['load_avg_start'][0]:.2f}.",
-             f"Dense f32 matmul peak ({results['matmul']['n']}²): XLA {results['matmul']['jax_gflops']:.1f} GFLOP/s, "
-             f"torch {results['matmul']['torch_gflops']:.1f} GFLOP/s; peak used = {peak:.1f} GFLOP/s.", "",
-             "| size | params | step | batch×seq | JAX ms | torch ms | torch/JAX (min–max) | JAX compile s | "
-             "torch 1st step s | XLA GFLOP/step | JAX util | torch util |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Dense f32 matmul peak ({mm['n']}²): XLA {mm['jax_gflops']:.1f} GFLOP/s, torch (MKL/oneDNN) "
+             f"{mm['torch_gflops']:.1f} GFLOP/s. Utilisation = XLA's FLOP count per step / time / *that framework's "
+             "own* matmul peak, so a faster BLAS on one machine does not pass for better work.", "",
+             "| size | params | step | batch×seq | framework | ms | torch/JAX time (min–max) | compile s | util |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         for step in ("vl_eraser", "npo"):
             s = r[step]
             gf = s["xla_flops"] / 1e9
-            lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {step} | {r['batch']}×{r['seq']} | "
-                         f"{s['jax_s'] * 1e3:.1f} | {s['torch_s'] * 1e3:.1f} | **{s['ratio']:.2f}** "
-                         f"({s['ratio_min']:.2f}–{s['ratio_max']:.2f}) | {s['compile_s']:.1f} | "
-                         f"{s['torch_first_step_s']:.2f} | {gf:.2f} | {gf / s['jax_s'] / peak:.1%} | "
-                         f"{gf / s['torch_s'] / peak:.1%} |")
-    lines += ["", "| size | prompt + new tokens | JAX tok/s | torch tok/s | JAX/torch speed (min–max) | "
-              "JAX 1st call s (compile) | torch 1st call s | same tokens |", "|---|---|---|---|---|---|---|---|"]
+            head = f"| {r['size']} | {r['params'] / 1e6:.1f}M | {step} | {r['batch']}×{r['seq']} |"
+            lines.append(f"{head} jax | {s['jax_s'] * 1e3:.1f} | 1 | {s['compile_s']:.1f} | "
+                         f"{gf / s['jax_s'] / peaks['jax']:.1%} |")
+            for fw in _frameworks(r):
+                t = s[fw]
+                lines.append(f"{head} {fw} | {t['s'] * 1e3:.1f} | **{t['ratio']:.2f}** ({t['ratio_min']:.2f}–"
+                             f"{t['ratio_max']:.2f}) | {t['compile_s']:.1f} | {gf / t['s'] / peaks[fw]:.1%} |")
+    lines += ["", "| size | prompt + new tokens | framework | tok/s | JAX/torch speed (min–max) | compile s | "
+              "same tokens as JAX |", "|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         g = r["generate"]
-        lines.append(f"| {r['size']} | {g['prompt_len']} + {g['new_tokens']} | {g['jax_tok_s']:.1f} | "
-                     f"{g['torch_tok_s']:.1f} | **{g['ratio']:.2f}** ({g['ratio_min']:.2f}–{g['ratio_max']:.2f}) | "
-                     f"{g['jax_first_call_s']:.1f} | {g['torch_first_call_s']:.2f} | {g['tokens_equal']} |")
+        head = f"| {r['size']} | {g['prompt_len']} + {g['new_tokens']} |"
+        lines.append(f"{head} jax | {g['jax_tok_s']:.1f} | 1 | {g['jax_first_call_s']:.1f} (first call) | |")
+        for fw in _frameworks(r):
+            t = g[fw]
+            lines.append(f"{head} {fw} | {t['tok_s']:.1f} | **{t['ratio']:.2f}** ({t['ratio_min']:.2f}–"
+                         f"{t['ratio_max']:.2f}) | {t['compile_s']:.1f} | {t['tokens_equal']} |")
     mem = [r for r in results["sizes"] if r.get("memory")]
     if mem:
         lines += ["", "| size | framework | RSS with model MB | vl_eraser peak MB | npo peak MB | generate peak MB |",
                   "|---|---|---|---|---|---|"]
         for r in mem:
-            for fw in ("jax", "torch"):
-                c = r["memory"].get(fw)
+            for fw, c in r["memory"].items():
                 if c is None:
                     lines.append(f"| {r['size']} | {fw} | failed | | | |")
                     continue
@@ -353,6 +427,24 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def records(results: dict) -> list[dict]:
+    """One record per (size, step, framework): median_ms, compile_s, peak_rss_mb (None without memory runs)."""
+    out = []
+    for r in results["sizes"]:
+        memory = r.get("memory") or {}
+        for step in ("vl_eraser", "npo", "generate"):
+            s = r[step]
+            per_call = (lambda xs: _median(xs) * 1e3)
+            peak = lambda fw: (memory.get(fw) or {}).get(step, {}).get("peak_mb")
+            jax_ms = per_call(s["jax_all_s"])
+            out.append({"size": r["size"], "step": step, "framework": "jax", "median_ms": jax_ms,
+                        "compile_s": s.get("compile_s", s.get("jax_first_call_s")), "peak_rss_mb": peak("jax")})
+            for fw in _frameworks(r):
+                out.append({"size": r["size"], "step": step, "framework": fw, "median_ms": per_call(s[fw]["all_s"]),
+                            "compile_s": s[fw]["compile_s"], "peak_rss_mb": peak(fw)})
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(models.SIZES))
@@ -360,8 +452,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gen-reps", type=int, default=5)
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--json", default=None, help="write all measurements here")
-    p.add_argument("--child", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--no-compile", action="store_true", help="torch eager only (skip torch.compile)")
+    p.add_argument("--json", default=None, help="write one record per (size, step, framework) here, and every "
+                                                "measurement to <json>.full.json")
+    p.add_argument("--child", choices=["jax", *TORCH_FRAMEWORKS], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -376,15 +470,16 @@ def main(argv=None):
     results["matmul"] = matmul_peak()
     log(f"matmul peak: {results['matmul']}")
     results["sizes"] = []
+    frameworks = ["jax", "torch_eager"] + ([] if args.no_compile else ["torch_compile"])
     for name in args.sizes:
         size = models.SIZES[name]
         log(f"size {name}:")
         with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as ckpt:
             tm = models.build_checkpoint(size, ckpt)
             del tm
-            r = bench_size(size, args.steps, args.warmup, args.gen_reps, ckpt, log)
+            r = bench_size(size, args.steps, args.warmup, args.gen_reps, ckpt, log, compile_torch=not args.no_compile)
             if not args.no_memory:
-                r["memory"] = {fw: run_memory_child(fw, size, ckpt, log) for fw in ("jax", "torch")}
+                r["memory"] = {fw: run_memory_child(fw, size, ckpt, log) for fw in frameworks}
         results["sizes"].append(r)
     results["matmul_end"] = matmul_peak()  # did the machine's speed drift during the run?
     results["load_avg_end"] = os.getloadavg()
@@ -396,6 +491,8 @@ def main(argv=None):
     print(text)
     if args.json:
         with open(args.json, "w") as f:
+            json.dump(records(results), f, indent=1, default=float)
+        with open(args.json.removesuffix(".json") + ".full.json", "w") as f:
             json.dump(results, f, indent=1, default=float)
 
 
