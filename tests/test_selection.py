@@ -60,3 +60,22 @@ def test_finished_trials_survive_a_cut_off_line(tmp_path):
     path.write_text(path.read_text() + '{"id": "c3", "ro')  # a run killed mid-write
     assert sweep.finished_rows(c, "ga") == {"a1": {"distance": 0.5}, "b2": {"distance": 0.25}}
     assert sweep.finished_rows(c, "npo") == {}
+
+
+def test_the_report_header_says_when_the_config_does_not_run_the_selected_setting():
+    from pathlib import Path
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.experiment.methods import effective_settings
+    from vleraser_jax.experiment.runner import config_mismatch
+
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_llava.py")
+    running = effective_settings(c, "ga")
+    same = {"learning_rate": running["learning_rate"], "epochs": running["epochs"]}
+    other = {**same, "learning_rate": running["learning_rate"] * 10}
+    assert config_mismatch(c, "ga", {"chosen": 0, "rows": [{"setting": same}]}) == ""
+    text = config_mismatch(c, "ga", {"chosen": 0, "rows": [{"setting": other}]})
+    assert "learning_rate" in text and "epochs" not in text
+    assert config_mismatch(c, "ga", {"chosen": None, "rows": [{"setting": other}]}) == ""
+    vle = effective_settings(c, "vl_eraser_paper")
+    assert vle["vacuum_source"] == "image" and vle["deletion_strength"] == c.vl_eraser_paper.deletion_strength

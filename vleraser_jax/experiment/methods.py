@@ -119,6 +119,12 @@ def method_config(c, method: str) -> tuple[str, vle.VLEraserConfig, RunSettings]
     return title, dataclasses.replace(cfg, **changes), run
 
 
+def effective_settings(c, method: str) -> dict[str, Any]:
+    """Every setting `run_method` will use for `method` (its method config and optimizer run, flattened)."""
+    _, cfg, run = method_config(c, method) if method in METHODS else baseline_method_config(c, method)
+    return {**dataclasses.asdict(run), **dataclasses.asdict(cfg)}
+
+
 def eval_config(c) -> EvalConfig:
     e = c.eval
     # absent: the protocol's values (eval.py's own letter rule and exemplars are the 7B configs' choice)

@@ -25,7 +25,7 @@ from ..train.stages import run_stage
 from ..train.workspace import data_root, model_runtime, oracle_enabled, prepare_data, tensorboard_on
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
-from .methods import eval_config, run_method, section
+from .methods import effective_settings, eval_config, run_method, section
 from .overview import Timings
 
 REFERENCES = ("Vanilla", "Oracle")
@@ -177,10 +177,19 @@ def selection_summary(c, methods: Sequence[str]) -> str:
             continue
         what = (f"chosen of {len(sel['rows'])} ({sel['eligible']} eligible)" if sel["chosen"] is not None
                 else f"none of {len(sel['rows'])} eligible, frontier shown")
-        parts.append(f"{method}: {what}")
+        parts.append(f"{method}: {what}{config_mismatch(c, method, sel)}")
     if not parts:
         return "the config's settings (no selection results in selection/)"
     return "; ".join(parts) + " — every setting in selection/selection.md"
+
+
+def config_mismatch(c, method: str, sel: dict) -> str:
+    """", but the config runs k=v (selected v')" where the config does not run the stored choice; else ""."""
+    if sel.get("chosen") is None:
+        return ""
+    chosen, running = sel["rows"][sel["chosen"]]["setting"], effective_settings(c, method)
+    differ = [f"{k}={running.get(k)} (selected {v})" for k, v in sorted(chosen.items()) if running.get(k) != v]
+    return f", but the config runs {', '.join(differ)}" if differ else ""
 
 
 def _stored_meta(report_dir: Path) -> dict:
