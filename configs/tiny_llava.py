@@ -121,14 +121,15 @@ def get_config():
     c.vl_eraser.lambda_ = 0.5
     c.vl_eraser.ce_mode = "added"
     # every retain position (vacuum-study: retain image keys leave forget and retain answers equally outside
-    # their span, selectivity 1.0; every position 1.3-1.6), per-token keys, 99% of their energy kept
+    # their span, selectivity 1.0; every position 1.3-1.6), per-token keys; threshold and α are the selection's
+    # choice (selection/vl_eraser.json: α 0.5, 90% of the energy kept, of 12 settings)
     c.vl_eraser.vacuum_source = "image+text"
     c.vl_eraser.pooling = "tokens"
     c.vl_eraser.threshold_mode = "energy"
-    c.vl_eraser.threshold = 0.99
+    c.vl_eraser.threshold = 0.9
     c.vl_eraser.distill_tokens = "entity"
     c.vl_eraser.deletion_scale = "calibrated"  # α = 1 removes the distilled component (least squares per block)
-    c.vl_eraser.deletion_strength = 1.0
+    c.vl_eraser.deletion_strength = 0.5
     c.vl_eraser.steps = 100
     c.vl_eraser.batch_size = 16
     c.vl_eraser.learning_rate = 1e-3
@@ -137,7 +138,8 @@ def get_config():
     # "VL-Eraser (paper)": the paper's choices are fixed (experiment.methods.PAPER_CHOICES); its own section holds
     # what its selection chose among the settings the paper leaves open.
     c.vl_eraser_paper = ml_collections.ConfigDict()
-    c.vl_eraser_paper.deletion_strength = 1.0
+    c.vl_eraser_paper.deletion_strength = 8.0  # selection/vl_eraser_paper.json: α 8, lr 1e-3 of 12 settings
+    c.vl_eraser_paper.learning_rate = 1e-3
 
     c.baselines = ml_collections.ConfigDict()
     # optimizer basics other than lr and epochs: the MLLMU-Bench reference values (batch 4, no warmup)

@@ -253,7 +253,7 @@ def cmd_vacuum_study(args) -> int:
     return 0
 
 
-DEMO_METHODS = ["vl_eraser", "vl_eraser_no_vacuum", "vl_eraser_no_distill", "vl_eraser_no_ce",
+DEMO_METHODS = ["vl_eraser", "vl_eraser_paper", "vl_eraser_no_vacuum", "vl_eraser_no_distill", "vl_eraser_no_ce",
                 "ga", "gd", "kl", "npo", "mmunlearner"]
 
 
