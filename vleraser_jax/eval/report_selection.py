@@ -61,7 +61,7 @@ def plot_selection(selections: Mapping[str, Mapping[str, Any]], path: Path) -> N
         ax.axhline(100 * tolerance, color="grey", ls="--", lw=0.8, label=f"tolerance ({100 * tolerance:.0f} pts)")
     ax.set_xlabel("distance to the Oracle on the validation people's forget scores (0 = the Oracle)")
     ax.set_ylabel("worst utility drop vs Vanilla, retain or real (points)")
-    ax.set_title("Selection on validation people: every setting; lines = each method's frontier; circled = chosen")
+    ax.set_title("Selection on validation people: every setting\nlines = each method's frontier; circled = chosen", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
