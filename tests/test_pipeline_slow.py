@@ -35,7 +35,7 @@ def test_micro_pipeline_end_to_end(tmp_path, monkeypatch):
     c.baselines = {"run": {"batch_size": 8, "learning_rate": 1e-4}}
     report_dir = run_experiment(c, ["vl_eraser", "ga"], log=lambda *_: None)
     methods = json.loads((report_dir / "results.json").read_text())["methods"]
-    assert list(methods) == ["Vanilla", "VL-Eraser", "GA"]
+    assert list(methods) == ["Vanilla", "Oracle", "Base", "VL-Eraser", "GA"]  # the references first (#17)
     for results in methods.values():
         assert set(results) == {"forget", "test", "retain", "real"}
     assert (report_dir / "runs" / "vl_eraser" / "model" / "config.json").exists()
@@ -85,7 +85,7 @@ def test_micro_pipeline_on_qwen2vl(tmp_path):
     c.diagnostics = {"relearn_steps": 2, "quantize_bits": (8,)}
     report_dir = run_experiment(c, ["vl_eraser", "mmunlearner"], log=lambda *_: None)
     results = json.loads((report_dir / "results.json").read_text())
-    assert list(results["methods"]) == ["Vanilla", "VL-Eraser", "MMUnlearner"]
+    assert list(results["methods"]) == ["Vanilla", "Oracle", "Base", "VL-Eraser", "MMUnlearner"]
     for results_of_method in results["methods"].values():
         assert set(results_of_method) == {"forget", "test", "retain", "real"}
     diagnostics = results["diagnostics"]
