@@ -162,10 +162,10 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: in
     log(f"{method}: {len(settings)} settings on {len(val.bench.forget)} validation people "
         f"(eligible: retain and real within {tolerance:.0%} of Vanilla; score: distance to the Oracle)")
     rows, done = [], finished_rows(c, method)
-    if any(setting_id(c, method, s, val.key) in done for s in settings):
+    ids = [setting_id(c, method, s, val.key) for s in settings]
+    if done.keys() & set(ids):
         log(f"{method}: reusing the settings a previous run of this selection finished")
-    for setting in tqdm(settings, desc=f"selecting {method}", unit="setting", leave=False):
-        row_id = setting_id(c, method, setting, val.key)
+    for setting, row_id in tqdm(list(zip(settings, ids)), desc=f"selecting {method}", unit="setting", leave=False):
         if row_id in done:
             rows.append(done[row_id])
             continue
