@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from ..data import mllmu
-from ..data.batching import indexed_batches, qa_example, rows_by_group, tokenize
+from ..data.batching import qa_example, tokenize
 from ..unlearn import vacuum
 from ..unlearn import vl_eraser as vle
 
@@ -33,15 +33,8 @@ def position_batches(processor, rows, max_length: int, names: dict[str, str] | N
     data = tokenize(processor, [qa_example(processor, r) for r in rows], max_length)
     marked = data.labels != vle.tr.IGNORE_INDEX
     if names:
-        tokens = {pid: vle.name_token_ids(processor, n) for pid, n in names.items()}
-        marked |= vle.entity_token_mask(data.input_ids, [tokens.get(r.person_id, []) for r in rows]).astype(bool)
-    data.token_masks[vacuum.MASK_KEY] = marked.astype(np.int32)
-    batches = []
-    for part, batch in indexed_batches(data, batch_size, rows_by_group(data)):
-        batch[vacuum.MASK_KEY] = batch[vacuum.MASK_KEY].copy()
-        batch[vacuum.MASK_KEY][len(part):] = 0
-        batches.append(batch)
-    return batches
+        marked |= vle.rows_entity_mask(processor, data.input_ids, rows, names).astype(bool)
+    return vle.vacuum_masked_batches(data, marked, batch_size)
 
 
 def outside_share(keys: np.ndarray, basis: np.ndarray) -> float:

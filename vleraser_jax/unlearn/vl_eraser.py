@@ -271,12 +271,25 @@ def retain_text_batches(processor, rows: Sequence[mllmu.TrainingRow], max_length
     if not rows:
         raise ValueError("the retain set has no rows to build the vacuum projector from")
     data = tokenize(processor, [qa_example(processor, r) for r in rows], max_length)
+    return vacuum_masked_batches(data, data.attention_mask, batch_size)
+
+
+def vacuum_masked_batches(data, mask: np.ndarray, batch_size: int = 32) -> list[dict]:
+    """`data` in batches whose `vacuum.MASK_KEY` is `mask` [N, L]; the filler copies of a short last batch do not
+    count twice."""
+    data.token_masks[vacuum.MASK_KEY] = np.asarray(mask, np.int32)
     batches = []
     for part, batch in indexed_batches(data, batch_size, rows_by_group(data)):
-        mask = batch["attention_mask"].copy()
-        mask[len(part):] = 0  # the filler copies of a short last batch do not count twice
-        batches.append({**batch, vacuum.MASK_KEY: mask})
+        batch[vacuum.MASK_KEY] = batch[vacuum.MASK_KEY].copy()
+        batch[vacuum.MASK_KEY][len(part):] = 0
+        batches.append(batch)
     return batches
+
+
+def rows_entity_mask(processor, input_ids: np.ndarray, rows, names: dict[str, str]) -> np.ndarray:
+    """[N, L] 1 at each row's person's name tokens (`names`: person id → name; a person without one: none)."""
+    tokens = {pid: name_token_ids(processor, name) for pid, name in names.items()}
+    return entity_token_mask(input_ids, [tokens.get(r.person_id, []) for r in rows])
 
 
 def vacuum_projectors_for(model, params, processor, retain_rows, cfg: VLEraserConfig, *, max_length: int = 128,
@@ -316,8 +329,7 @@ def forget_data(processor, rows, cfg: VLEraserConfig, max_length: int, entity_na
     missing = sorted({r.person_id for r in rows} - set(entity_names or {}))
     if missing:
         raise ValueError(f"distill_tokens='entity' needs every forget person's name; missing: {missing[:5]}")
-    names = {pid: name_token_ids(processor, name) for pid, name in entity_names.items()}
-    mask = entity_token_mask(data.input_ids, [names[r.person_id] for r in rows])
+    mask = rows_entity_mask(processor, data.input_ids, rows, entity_names)
     data.token_masks[ENTITY_MASK] = mask
     return data, {"entity_rows": float((mask.sum(1) > 0).mean()), "entity_tokens": int(mask.sum())}
 
