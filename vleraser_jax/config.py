@@ -109,16 +109,17 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     # The choices the VL-Eraser issue (#18) measured on the tiny models, where they carry to 7B (README "VL-Eraser"):
     # distill the person's name and answer tokens, not the template every person shares; the vacuum from every
     # retain position (retain image keys left forget and retain answers equally outside their span), per-token
-    # keys, 99% of their energy kept (capped at the numerical rank); the least-squares deletion scale, so α = 1
-    # means "remove the distilled component" at any width instead of a raw α that needs re-tuning per model.
+    # keys; the least-squares deletion scale, so α means a fraction of the distilled component at any width. The
+    # energy kept and α are tiny_llava's selection (selection/vl_eraser.json: 90%, α 0.5 of 12 settings on
+    # validation people); at 99% the tiny blocks kept 60-78% of F, past F/2, where P is stored dense (F² per block).
     c.vl_eraser.distill_tokens = "entity"
     c.vl_eraser.vacuum_source = "image+text"
     c.vl_eraser.pooling = "tokens"
     c.vl_eraser.threshold_mode = "energy"
-    c.vl_eraser.threshold = 0.99
+    c.vl_eraser.threshold = 0.9
     c.vl_eraser.decomposition = "svd"  # of the second moment here: 7B keys never fit stacked (f64 host / f32 sharded)
     c.vl_eraser.deletion_scale = "calibrated"
-    c.vl_eraser.deletion_strength = 1.0
+    c.vl_eraser.deletion_strength = 0.5
     c.vl_eraser.steps = 100
     c.vl_eraser.batch_size = 4
     c.vl_eraser.learning_rate = 2e-5
@@ -147,7 +148,7 @@ def add_mllmu_7b_sections(c: ml_collections.ConfigDict, *, max_length: int, imag
     # Shapes `vleraser plan` compiles (stage 1 uses vl_eraser.batch_size / max_length).
     c.plan = ml_collections.ConfigDict()
     # vacuum basis columns the planner budgets for: F/2 − 1, the most a compact basis holds (beyond it P is stored
-    # dense, F² per block); per-token keys of every retain position can retain that many at 99% energy
+    # dense, F² per block); at 90% energy the tiny blocks kept 15-31% of F, so this bounds them if that carries
     c.plan.retained_rank = 5503
     c.plan.image_size = image_size
     c.plan.generate_batch = 16
