@@ -130,16 +130,18 @@ def test_option_likelihood_equals_a_hand_computation_from_torch_logits(setup, fu
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from vleraser_jax.eval.likelihood import option_choice, score_answers
+    from vleraser_jax.eval.likelihood import option_choice, score_options
 
     model, params, processor, bench = setup
     reference = LlavaForConditionalGeneration.from_pretrained(full_checkpoint).eval()
     requests = ev.option_requests(bench, Prompter("llava"), dataclasses.replace(CFG, sets=("forget",)))
     assert {r.mode for r in requests} == {"visual", "textual"}
-    for req in requests:
+    # what evaluate runs: the prompt once per item, each option a cached chunk after it
+    scored = score_options(model, params, processor, [(r.prompt.text, r.prompt.images[0] if r.prompt.images else
+                                                       None, r.item.options) for r in requests], batch_size=4)
+    for req, ours in zip(requests, scored):
         image = req.prompt.images[0] if req.prompt.images else None
         examples = [{"prompt": req.prompt.text, "answer": req.item.options[k], "image": image} for k in "ABCD"]
-        ours = score_answers(model, params, processor, examples, batch_size=4)
         torch_scores = []
         for ex in examples:
             batch = processor.collate_for_training([{**ex, "image": ev._decode_image(image) if image else None}],

@@ -31,7 +31,7 @@ from ..data.mllmu import EVAL_SETS, MODES, Benchmark, MultipleChoice, OpenItem, 
 from ..data.protocol import MAX_NEW_TOKENS, Exemplar, Prompt, Prompter
 from ..generate import generate_batch
 from . import metrics
-from .likelihood import option_choice, option_examples, score_answers
+from .likelihood import option_choice, score_options
 from .statistics import cluster_bootstrap_ci
 
 TASKS = ("classification", "cloze", "generation")
@@ -180,17 +180,10 @@ def option_requests(benchmark: Benchmark, prompter: Prompter, cfg: EvalConfig) -
 
 def option_likelihood(model, params, processor, requests: Sequence[Request], cfg: EvalConfig) -> list[dict]:
     """`likelihood.option_choice` of every option request, in order."""
-    examples = [ex for r in requests
-                for ex in option_examples(r.prompt.text, r.prompt.images[0] if r.prompt.images else None,
-                                          r.item.options)]
-    scores = score_answers(model, params, processor, examples, batch_size=cfg.batch_size,
-                           max_length=cfg.likelihood_max_length, desc=f"option likelihood ({len(examples)} options)")
-    out, k = [], 0
-    for r in requests:
-        n = len(r.item.options)
-        out.append(option_choice(scores[k:k + n], r.item.options, r.item.answer))
-        k += n
-    return out
+    items = [(r.prompt.text, r.prompt.images[0] if r.prompt.images else None, r.item.options) for r in requests]
+    scores = score_options(model, params, processor, items, batch_size=cfg.batch_size,
+                           max_length=cfg.likelihood_max_length, desc=f"option likelihood ({len(items)} items)")
+    return [option_choice(s, r.item.options, r.item.answer) for s, r in zip(scores, requests)]
 
 
 def _item(req: Request, metric: str, value: float) -> dict:
