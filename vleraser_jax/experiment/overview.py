@@ -8,12 +8,13 @@ from typing import Sequence
 
 from ..train.workspace import STAGES, oracle_enabled, stage_dir
 
-# Seconds per training step of the tiny configs (batch 16, 2 CPU cores, measured on this project's machine),
-# and per evaluated model / per method run; only the up-front estimate uses them.
-SECONDS_PER_STEP = {"base": 0.22, "oracle": 0.22, "vanilla": 0.3}
-SECONDS_PER_EVALUATION = 55.0
-SECONDS_PER_METHOD = 25.0
-SECONDS_PER_DIAGNOSTICS = 45.0
+# Seconds per training step of the tiny configs (batch 16, 2 CPU cores: the stage jsons of the committed
+# tiny_llava stages), and per evaluated model / method run / method's diagnostics (the cached demo of
+# 2026-12-02, 1089 s); only the up-front estimate uses them.
+SECONDS_PER_STEP = {"base": 0.36, "oracle": 0.18, "vanilla": 0.18}
+SECONDS_PER_EVALUATION = 25.0
+SECONDS_PER_METHOD = 32.0
+SECONDS_PER_DIAGNOSTICS = 43.0
 
 
 def stage_plan(c) -> list[tuple[str, str, int | None]]:
