@@ -106,3 +106,27 @@ def torch_image_kwargs(ids, pixels, grid):
 def max_rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+def write_tiny_qwen2_vl_dir(root, sentences, *, patch: int, merge: int, weights: bool = False):
+    """A local Qwen2-VL checkpoint directory: a tokenizer trained on `sentences`, the tiny config with its special
+    token ids, the image processor's config and, with `weights`, random torch weights (`make_torch_qwen2_vl`)."""
+    from vleraser_jax import processing as P
+    from vleraser_jax.data.synthetic import train_qwen2_vl_tokenizer
+
+    tok = train_qwen2_vl_tokenizer(sentences, root, vocab_size=400)
+    hf = tiny_qwen2_vl_hf_config()
+    hf.text_config.vocab_size = len(tok)
+    hf.text_config.eos_token_id = tok.eos_token_id
+    hf.text_config.pad_token_id = tok.pad_token_id
+    hf.image_token_id = tok.convert_tokens_to_ids(P.QWEN2_VL_IMAGE_TOKEN)
+    hf.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    hf.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    hf.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    if weights:
+        make_torch_qwen2_vl(hf).save_pretrained(root)
+    else:
+        hf.save_pretrained(root)
+    P.write_qwen2_vl_image_processor_config(root, patch_size=patch, merge_size=merge, min_pixels=8 * 8,
+                                            max_pixels=48 * 48)
+    return root

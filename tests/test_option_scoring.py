@@ -38,25 +38,11 @@ def _items(prompt_of, image_size):
 
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory):
-    from qwen2_vl_helpers import make_torch_qwen2_vl, tiny_qwen2_vl_hf_config
+    from qwen2_vl_helpers import write_tiny_qwen2_vl_dir
     from test_qwen2_vl_processing import MERGE, PATCH, SENTENCES
 
-    from vleraser_jax import processing as P
-    from vleraser_jax.data.synthetic import train_qwen2_vl_tokenizer
-
-    root = tmp_path_factory.mktemp("qwen_options")
-    tok = train_qwen2_vl_tokenizer(SENTENCES, root, vocab_size=400)
-    hf = tiny_qwen2_vl_hf_config()
-    hf.text_config.vocab_size = len(tok)
-    hf.text_config.eos_token_id, hf.text_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    hf.image_token_id = tok.convert_tokens_to_ids(P.QWEN2_VL_IMAGE_TOKEN)
-    hf.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    hf.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    hf.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    make_torch_qwen2_vl(hf).save_pretrained(root)
-    P.write_qwen2_vl_image_processor_config(root, patch_size=PATCH, merge_size=MERGE, min_pixels=8 * 8,
-                                            max_pixels=48 * 48)
-    return root
+    return write_tiny_qwen2_vl_dir(tmp_path_factory.mktemp("qwen_options"), SENTENCES, patch=PATCH, merge=MERGE,
+                                   weights=True)
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from vleraser_jax import processing as P
-from vleraser_jax.data.synthetic import train_qwen2_vl_tokenizer
 
 SENTENCES = [
     "What is the name of the person in the image? Her name is Alice Smith.",
@@ -36,21 +35,9 @@ def _rows(ids, mask):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from qwen2_vl_helpers import tiny_qwen2_vl_hf_config
+    from qwen2_vl_helpers import write_tiny_qwen2_vl_dir
 
-    root = tmp_path_factory.mktemp("qwen_proc")
-    tok = train_qwen2_vl_tokenizer(SENTENCES, root, vocab_size=400)
-    hf = tiny_qwen2_vl_hf_config()
-    hf.text_config.vocab_size = len(tok)
-    hf.text_config.eos_token_id = tok.eos_token_id
-    hf.text_config.pad_token_id = tok.pad_token_id
-    hf.image_token_id = tok.convert_tokens_to_ids(P.QWEN2_VL_IMAGE_TOKEN)
-    hf.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    hf.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    hf.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    hf.save_pretrained(root)
-    P.write_qwen2_vl_image_processor_config(root, patch_size=PATCH, merge_size=MERGE, min_pixels=8 * 8, max_pixels=48 * 48)
-    return root
+    return write_tiny_qwen2_vl_dir(tmp_path_factory.mktemp("qwen_proc"), SENTENCES, patch=PATCH, merge=MERGE)
 
 
 def _reference(root):
