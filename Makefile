@@ -30,7 +30,7 @@ install-test: $(TESTING)
 demo: $(RUNTIME)
 	$(VENV)/bin/vleraser demo
 
-## The test suite (432 tests, about 11 minutes on 2 CPU cores).
+## The test suite (456 tests, about 12 minutes on 2 CPU cores).
 test: $(TESTING)
 	$(PY) -m pytest -q -m "not slow"
 
