@@ -136,13 +136,15 @@ def score_options(model, params, processor, items: Sequence[tuple[str, bytes | N
     groups: dict[tuple[bool, int], list[int]] = {}
     for i, (_, image, opts) in enumerate(items):
         groups.setdefault((image is not None, len(opts)), []).append(i)
+    # one (prompt length rounded up to 8, longest option) per group: each group compiles once
+    shapes = {key: (-(-max(layout[i][0] for i in members) // 8) * 8, max(max(layout[i][1]) for i in members))
+              for key, members in groups.items()}
     out: list[list[AnswerScores] | None] = [None] * len(items)
     batches = [(key, members[j:j + batch_size]) for key, members in groups.items()
                for j in range(0, len(members), batch_size)]
     for (has_image, k), part in tqdm(batches, desc=desc, unit="batch", leave=False):
         rows = part + [part[0]] * (batch_size - len(part))  # fixed shape; filler rows are dropped below
-        prompt_len = -(-max(layout[i][0] for i in groups[(has_image, k)]) // 8) * 8
-        option_len = max(max(layout[i][1]) for i in groups[(has_image, k)])
+        prompt_len, option_len = shapes[(has_image, k)]
         ids = np.full((batch_size, prompt_len), processor.pad_token_id, np.int32)
         mask = np.zeros((batch_size, prompt_len), np.int32)
         opt_ids = np.full((batch_size, k, option_len), processor.pad_token_id, np.int32)

@@ -91,9 +91,10 @@ def _distilled_pairs(keys: dict, params, lora, vacuum_projectors):
         if module not in lora_entries:
             continue
         h = jax.lax.stop_gradient(h)
-        # bf16 × bf16 products are exact in f32, so this equals the f32 matmul without an f32 copy of W_down
+        # accumulated in f32 from the operands' own dtypes: for bf16 keys and weights the same numbers as an f32
+        # matmul (bf16 × bf16 products are exact in f32) without an f32 copy of every W_down
         kernel = flat_params[tuple(module.split("/")) + ("kernel",)]
-        teacher = jnp.einsum("...f,fd->...d", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        teacher = jnp.einsum("...f,fd->...d", h, kernel, preferred_element_type=jnp.float32)
         # the student in f32: P h = h − U Uᵀ h cancels most of h, which bf16 would leave as leakage
         pairs.append((block, teacher, lora_delta(h.astype(jnp.float32), lora_entries[module],
                                                  vacuum_entries.get(module))))
