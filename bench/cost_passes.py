@@ -107,15 +107,11 @@ def format_table(rows: list[dict], forget_rows: int, forget_people: int, referen
 def load_stages(c, log):
     """The vanilla model, processor and benchmark of the config (stages trained first when not cached)."""
     from vleraser_jax.data import mllmu
-    from vleraser_jax.experiment.runner import load_vanilla
+    from vleraser_jax.experiment.runner import load_vanilla, run_stages
     from vleraser_jax.processing import load_processor
-    from vleraser_jax.train.stages import run_stage
-    from vleraser_jax.train.workspace import data_root, oracle_enabled, prepare_data
+    from vleraser_jax.train.workspace import data_root
 
-    prepare_data(c, log)
-    for stage in ("base", "oracle") if oracle_enabled(c) else ("base",):
-        run_stage(c, stage, log=log)
-    vanilla_dir = run_stage(c, "vanilla", log=log)
+    vanilla_dir, _ = run_stages(c, log)
     model, params, _ = load_vanilla(c, vanilla_dir)
     return model, params, load_processor(vanilla_dir), mllmu.load_benchmark(data_root(c), c.data.forget_ratio)
 

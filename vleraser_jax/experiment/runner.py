@@ -82,9 +82,8 @@ def _eval_key(ecfg, *dirs) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experiment:
-    """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
-    (cached in the report while the evaluation settings and the models stay the same)."""
+def run_stages(c, log=print, timings: Timings | None = None) -> tuple[Path, Path | None]:
+    """The data, then every stage of the config trained (or reused): (vanilla dir, oracle dir or None)."""
     timings = timings or Timings()
     with timings.part("data and tokenizer"):
         prepare_data(c, log)
@@ -93,7 +92,14 @@ def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experime
             run_stage(c, stage, log=log)
     with timings.part("vanilla stage"):
         vanilla_dir = run_stage(c, "vanilla", log=log)
-    oracle_dir = run_stage(c, "oracle", log=log) if oracle_enabled(c) else None
+    return vanilla_dir, (run_stage(c, "oracle", log=log) if oracle_enabled(c) else None)
+
+
+def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experiment:
+    """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
+    (cached in the report while the evaluation settings and the models stay the same)."""
+    timings = timings or Timings()
+    vanilla_dir, oracle_dir = run_stages(c, log, timings)
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     root = data_root(c)
