@@ -176,33 +176,41 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def pipeline_config(path, overrides):
+    """The config of a command that trains or evaluates, with compiled programs cached in its work dir."""
     from .config import load_config
+    from .train.workspace import use_compilation_cache
+
+    c = load_config(path, overrides)
+    use_compilation_cache(c)
+    return c
+
+
+def cmd_train(args) -> int:
     from .train.stages import run_stage
 
-    c = load_config(args.config, args.overrides)
+    c = pipeline_config(args.config, args.overrides)
     out = run_stage(c, args.stage, force=args.force)
     print(f"{args.stage} model: {out}")
     return 0
 
 
 def cmd_unlearn(args) -> int:
-    from .config import load_config
     from .experiment.runner import run_experiment
 
-    c = load_config(args.config, args.overrides)
+    c = pipeline_config(args.config, args.overrides)
     run_experiment(c, args.method)
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .config import _literal, load_config
+    from .config import _literal
     from .eval.report_selection import write_selection_report
     from .experiment.methods import method_title
     from .experiment.runner import load_selections, selection_dir
     from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, run_sweep
 
-    c = load_config(args.config, args.overrides)
+    c = pipeline_config(args.config, args.overrides)
     selection = c.get("selection") or {}
     budget = args.budget or selection.get("budget", DEFAULT_BUDGET)
     for method in args.method:
@@ -227,7 +235,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_vacuum_study(args) -> int:
-    from .config import load_config
     from .data import mllmu
     from .data.splits import validation_benchmark
     from .experiment.runner import load_vanilla, report_dir_for
@@ -237,7 +244,7 @@ def cmd_vacuum_study(args) -> int:
     from .train.stages import run_stage
     from .train.workspace import data_root
 
-    c = load_config(args.config, args.overrides)
+    c = pipeline_config(args.config, args.overrides)
     vanilla_dir = run_stage(c, "vanilla")
     model, params, _ = load_vanilla(c, vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), c.data.validation_people,
@@ -272,7 +279,6 @@ def cmd_demo(args) -> int:
     import time
     from pathlib import Path
 
-    from .config import load_config
     from .experiment.overview import describe_run
     from .experiment.runner import run_experiment
 
@@ -280,7 +286,7 @@ def cmd_demo(args) -> int:
     # The demo scores a seeded subsample of each set so every method is evaluated within the time budget;
     # `--config.eval.max_people=0` evaluates everyone.
     overrides = ["--config.eval.max_people=30", f"--config.data.forget_ratio={args.forget_ratio}", *args.overrides]
-    c = load_config(config, overrides)
+    c = pipeline_config(config, overrides)
     start = time.perf_counter()
     print(f"demo: {c.name}, forget {c.data.forget_ratio}%, methods {', '.join(args.method)} (work dir {c.work_dir})")
     print(describe_run(c, args.method, demo_diagnostics(args)), flush=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from ..data import synthetic
@@ -33,6 +35,21 @@ def tensorboard_on(c) -> bool:
     if on:
         require_tensorboard()
     return on
+
+
+def use_compilation_cache(c) -> Path | None:
+    """Keep compiled XLA programs under <work_dir>/xla_cache (JAX's persistent compilation cache): every method
+    run, sweep trial and attack builds its own jitted steps, the same programs each time, and recompiling them
+    was most of a short run's time (NPO on tiny_llava: 30 of 43 s). Call before anything compiles. JAX's own
+    variables win: JAX_COMPILATION_CACHE_DIR elsewhere, JAX_ENABLE_COMPILATION_CACHE=false off (returns None)."""
+    if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("0", "false"):
+        return None
+    path = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(c.work_dir) / "xla_cache")
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # the evaluation's programs too
+    return path
 
 
 def _plain(config) -> dict:
