@@ -79,3 +79,27 @@ def test_the_report_header_says_when_the_config_does_not_run_the_selected_settin
     assert config_mismatch(c, "ga", {"chosen": None, "rows": [{"setting": other}]}) == ""
     vle = effective_settings(c, "vl_eraser_paper")
     assert vle["vacuum_source"] == "image" and vle["deletion_strength"] == c.vl_eraser_paper.deletion_strength
+
+
+def test_a_fresh_work_dir_reports_the_committed_selection_and_prefers_its_own(tmp_path):
+    import json
+    from pathlib import Path
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.experiment.runner import committed_selection_dir, selection_dir, selection_summary
+
+    repo = Path(__file__).resolve().parent.parent
+    c = load_config(repo / "configs" / "tiny_llava.py", [f"--config.work_dir={tmp_path}"])
+    committed = json.loads((repo / "results" / "tiny_llava-forget15" / "selection" / "ga.json").read_text())
+    assert committed_selection_dir(c) == repo / "results" / "tiny_llava-forget15" / "selection"
+    header = selection_summary(c, ["ga"])
+    assert f"ga: chosen of {len(committed['rows'])} ({committed['eligible']} eligible)" in header
+    assert "committed (this run did not select)" in header and "but the config runs" not in header
+    own = {**committed, "eligible": 0, "chosen": None}  # a selection run in this work dir wins
+    selection_dir(c).mkdir(parents=True)
+    (selection_dir(c) / "ga.json").write_text(json.dumps(own))
+    assert selection_summary(c, ["ga"]) == (f"ga: none of {len(committed['rows'])} eligible, frontier shown — "
+                                            "every setting in selection/selection.md")
+    other = load_config(repo / "configs" / "tiny_llava.py", [f"--config.work_dir={tmp_path}", "--config.name=x"])
+    assert committed_selection_dir(other) is None
+    assert selection_summary(other, ["ga"]) == "the config's settings (no selection results in selection/)"

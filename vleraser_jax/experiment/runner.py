@@ -167,15 +167,26 @@ def selection_dir(c) -> Path:
     return report_dir_for(c) / "selection"
 
 
-def load_selections(c) -> dict[str, dict]:
-    """Every method's stored selection result for this config's report."""
-    root = selection_dir(c)
+def load_selections(c, root: Path | None = None) -> dict[str, dict]:
+    """Every method's stored selection result for this config's report (or in `root`)."""
+    root = selection_dir(c) if root is None else root
     return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json")) if p.name != "references.json"}
+
+
+def committed_selection_dir(c) -> Path | None:
+    """results/<report>/selection/ of this source tree, where the selection behind the configs' settings is committed
+    (a fresh clone has no work-dir selection of its own); None when absent (e.g. an installed wheel)."""
+    path = Path(__file__).resolve().parents[2] / "results" / report_dir_for(c).name / "selection"
+    return path if path.is_dir() and path.resolve() != selection_dir(c).resolve() else None
 
 
 def selection_summary(c, methods: Sequence[str]) -> str:
     """One line for the report header: how each run method's settings were chosen."""
-    stored = load_selections(c)
+    stored, where = load_selections(c), "selection/selection.md"
+    committed = committed_selection_dir(c)
+    if not stored.keys() & set(methods) and committed is not None:
+        stored, where = load_selections(c, committed), (f"{Path('results') / committed.parent.name / 'selection'}"
+                                                         "/selection.md, committed (this run did not select)")
     parts = []
     for method in methods:
         sel = stored.get(method)
@@ -186,7 +197,7 @@ def selection_summary(c, methods: Sequence[str]) -> str:
         parts.append(f"{method}: {what}{config_mismatch(c, method, sel)}")
     if not parts:
         return "the config's settings (no selection results in selection/)"
-    return "; ".join(parts) + " — every setting in selection/selection.md"
+    return "; ".join(parts) + f" — every setting in {where}"
 
 
 def config_mismatch(c, method: str, sel: dict) -> str:
