@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.cost_passes import _median
 
 MODES = ("off", "empty", "filled")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -73,10 +74,6 @@ def mode_env(mode: str, cache_dir: Path) -> dict:
     return {"JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
 
 
-def _median(xs):
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
 def summarize(records: list[dict]) -> list[dict]:
     """One row per method: median first/second-run wall and compile seconds per mode, and the two ratios."""
     rows = []
@@ -88,13 +85,15 @@ def summarize(records: list[dict]) -> list[dict]:
                 runs = [r["runs"][k] for r in mine if r["mode"] == mode and len(r["runs"]) > k]
                 row[f"{mode}_{name}_s"] = _median([x["wall_s"] for x in runs])
                 row[f"{mode}_{name}_compile_s"] = _median([x["compile_s"] for x in runs])
-        by_round = {(r["round"], r["mode"]): r for r in mine}
+        by_round = {(r["round"], r["mode"]): r["runs"] for r in mine}
         rounds = sorted({r["round"] for r in mine})
-        row["ratio_repeat"] = _median([by_round[k, "off"]["runs"][1]["wall_s"] / by_round[k, "empty"]["runs"][1]["wall_s"]
-                                       for k in rounds if (k, "off") in by_round and (k, "empty") in by_round])
-        row["ratio_new_process"] = _median([by_round[k, "off"]["runs"][0]["wall_s"]
-                                            / by_round[k, "filled"]["runs"][0]["wall_s"]
-                                            for k in rounds if (k, "off") in by_round and (k, "filled") in by_round])
+
+        def paired(mode: str, run: int) -> float:
+            """Median over rounds of off's wall time over `mode`'s, for the `run`-th run of a process."""
+            return _median([by_round[k, "off"][run]["wall_s"] / by_round[k, mode][run]["wall_s"]
+                            for k in rounds if (k, "off") in by_round and (k, mode) in by_round])
+
+        row["ratio_repeat"], row["ratio_new_process"] = paired("empty", 1), paired("filled", 0)
         rows.append(row)
     return rows
 

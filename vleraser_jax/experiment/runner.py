@@ -185,8 +185,8 @@ def selection_summary(c, methods: Sequence[str]) -> str:
     stored, where = load_selections(c), "selection/selection.md"
     committed = committed_selection_dir(c)
     if not stored.keys() & set(methods) and committed is not None:
-        stored, where = load_selections(c, committed), (f"{Path('results') / committed.parent.name / 'selection'}"
-                                                         "/selection.md, committed (this run did not select)")
+        stored = load_selections(c, committed)
+        where = f"results/{committed.parent.name}/selection/selection.md, committed (this run did not select)"
     parts = []
     for method in methods:
         sel = stored.get(method)

@@ -42,9 +42,9 @@ def use_compilation_cache(c) -> Path | None:
     run, sweep trial and attack builds its own jitted steps, the same programs each time, and recompiling them
     was most of a short run's time (NPO on tiny_llava: 30 of 43 s). Call before anything compiles. JAX's own
     variables win: JAX_COMPILATION_CACHE_DIR elsewhere, JAX_ENABLE_COMPILATION_CACHE=false off (returns None)."""
-    if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("0", "false"):
+    if not jax.config.jax_enable_compilation_cache:  # JAX parsed its variables at import
         return None
-    path = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(c.work_dir) / "xla_cache")
+    path = Path(jax.config.jax_compilation_cache_dir or Path(c.work_dir) / "xla_cache")
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
