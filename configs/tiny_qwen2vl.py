@@ -1,7 +1,7 @@
 """tiny_qwen2vl: the real Qwen2-VL architecture at toy width, trained from scratch on the synthetic benchmark.
 
-The recipe is tiny_llava's (configs/tiny_llava.py: data, stage schedules, unlearning settings); only the
-model differs: a Qwen2-VL ViT (Conv3d patches of 4 px, 2-D rotary, 2x2 patch merger: a 32 px portrait
+The recipe is tiny_llava's (configs/tiny_llava.py: data, stage schedules, selection grids); the model differs,
+and so do the unlearning settings, which are this backbone's own selection (results/tiny_qwen2vl-forget15/selection/): a Qwen2-VL ViT (Conv3d patches of 4 px, 2-D rotary, 2x2 patch merger: a 32 px portrait
 becomes 16 image tokens, as tiny_llava's 8 px CLIP patches do) feeding a Qwen2 decoder of tiny_llava's
 sizes (q/k/v biases, M-RoPE), with Qwen2-VL's chat template. Prompts are longer than LLaVA's (the
 template's system turn): at most 89 tokens in the training data vs LLaVA's 75, within the same max_length.
@@ -29,4 +29,16 @@ def get_config():
     # The merger is Qwen2-VL's projector: it gets the projector's fast rate (first matching rule wins).
     for stage in (c.base, c.oracle, c.vanilla):
         stage.lr_multipliers = (("^vision/merger/", 3.0), ("^vision/", 0.1))
+
+    # Each method's choice of `vleraser sweep` on this backbone (12 settings per method, 10 validation people,
+    # retain and real within 5 points of Vanilla; results/tiny_qwen2vl-forget15/selection/<method>.json).
+    c.vl_eraser.deletion_strength = 0.5  # 4 of 12 eligible; the same choice as tiny_llava's (α 0.5, 90% energy,
+    c.vl_eraser.threshold = 0.9  # image+text vacuum)
+    c.vl_eraser.vacuum_source = "image+text"
+    c.vl_eraser_paper.deletion_strength = 4.0  # 7 of 12 eligible
+    c.vl_eraser_paper.learning_rate = 3e-3
+    for name, lr, epochs in (("ga", 3e-4, 2.0), ("gd", 1e-3, 2.0), ("kl", 3e-4, 1.0), ("npo", 3e-4, 2.0),
+                             ("mmunlearner", 1e-4, 1.0)):  # eligible of 12: 7, 8, 12, 7, 1
+        c.baselines[name].learning_rate = lr
+        c.baselines[name].epochs = epochs
     return c

@@ -103,3 +103,19 @@ def test_a_fresh_work_dir_reports_the_committed_selection_and_prefers_its_own(tm
     other = load_config(repo / "configs" / "tiny_llava.py", [f"--config.work_dir={tmp_path}", "--config.name=x"])
     assert committed_selection_dir(other) is None
     assert selection_summary(other, ["ga"]) == "the config's settings (no selection results in selection/)"
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llava", "tiny_qwen2vl"])
+def test_each_shipped_tiny_config_runs_its_committed_selection(backbone):
+    from pathlib import Path
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.experiment.runner import committed_selection_dir, config_mismatch, load_selections
+
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{backbone}.py")
+    root = committed_selection_dir(c)
+    assert root is not None, f"no committed selection for {backbone}"
+    selections = load_selections(c, root)
+    assert len(selections) == 7
+    mismatches = {m: config_mismatch(c, m, sel) for m, sel in selections.items()}
+    assert all(text == "" for text in mismatches.values()), mismatches
