@@ -245,6 +245,8 @@ def cmd_vacuum_study(args) -> int:
     from .train.workspace import data_root
 
     c = pipeline_config(args.config, args.overrides)
+    if args.widths:
+        return _width_study(c, args)
     vanilla_dir = run_stage(c, "vanilla")
     model, params, _ = load_vanilla(c, vanilla_dir)
     bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), c.data.validation_people,
@@ -257,6 +259,28 @@ def cmd_vacuum_study(args) -> int:
     path = write_text_atomic(report_dir_for(c) / "vacuum_study.md", table + "\n")
     print(table)
     print(f"written to {path}")
+    return 0
+
+
+def _width_study(c, args) -> int:
+    from .experiment.runner import report_dir_for
+    from .experiment.vacuum_study import format_study
+    from .experiment.width_study import format_width_study, plot_width_study, run_width_study
+    from .io import write_text_atomic
+
+    widths = sorted(set(args.widths))
+    print(f"FFN width study at d_ff {', '.join(map(str, widths))}: per width a vanilla model (trained unless cached, "
+          f"{c.base.steps} base steps{'' if not c.oracle.get('enabled', True) else f', {c.oracle.steps} oracle steps'}"
+          f", {c.vanilla.steps} vanilla steps), its cloze knowledge, and the vacuum study")
+    studies, knowledge = run_width_study(c, widths, heldout_people=args.heldout_people)
+    out = report_dir_for(c) / "width_study"
+    for width, rows in studies.items():
+        write_text_atomic(out / f"vacuum_study_ffn{width}.md", format_study(rows) + "\n")
+    table = format_width_study(studies, knowledge)
+    path = write_text_atomic(out / "width_study.md", table + "\n")
+    plot_width_study(studies, out / "width_study.png")
+    print(table)
+    print(f"written to {path} (per-block tables and width_study.png beside it)")
     return 0
 
 
@@ -402,6 +426,9 @@ def _pipeline_commands(sub) -> None:
                                             "against held-out retain people, per vacuum source and threshold")
     p.add_argument("--config", required=True)
     p.add_argument("--heldout-people", type=int, default=10)
+    p.add_argument("--widths", type=int, nargs="+", help="repeat the study on vanilla models of these FFN widths "
+                                                         "(model.intermediate_size), each trained with the config's "
+                                                         "recipe; writes <report>/width_study/")
     p.set_defaults(func=cmd_vacuum_study)
 
 

@@ -13,7 +13,7 @@ from .report_format import MODE_TITLES, PERCENT_METRICS, SET_TITLES
 CHANCE_METRICS = {"classification", "option_acc", "option_acc_norm"}  # four options: chance is 25%
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,8 +22,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
+def save_png(fig, path: Path) -> None:
+    plt = pyplot()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -34,7 +34,7 @@ def plot_forget_vs_utility(methods: Mapping[str, Any], unlearning: Mapping[str, 
                            metric: str = "cloze") -> None:
     """One panel per mode: forget `metric` (x, with its CI; lower = more forgotten) vs model utility (y, the
     harmonic mean of retain/real scores). Vanilla is where every method starts (arrows), the Oracle the target."""
-    plt = _pyplot()
+    plt = pyplot()
     modes = [m for m in MODE_TITLES if any(m in u.get("model_utility", {}) for u in unlearning.values())]
     if not modes:
         return
@@ -67,14 +67,14 @@ def plot_forget_vs_utility(methods: Mapping[str, Any], unlearning: Mapping[str, 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_sets(methods: Mapping[str, Any], path: Path, metric: str = "cloze", mode: str = "visual") -> None:
     """Grouped bars: each method's score on every set, with CI whiskers."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     sets = [s for s in SET_TITLES if any(s in r for r in methods.values())]
     names = list(methods)
     width = 0.8 / max(len(names), 1)
@@ -97,4 +97,4 @@ def plot_sets(methods: Mapping[str, Any], path: Path, metric: str = "cloze", mod
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)

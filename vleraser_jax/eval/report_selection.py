@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..io import write_text_atomic
-from .report_plots import _pyplot, _save
+from .report_plots import pyplot, save_png
 
 
 def _setting(setting: Mapping[str, Any]) -> str:
@@ -42,7 +42,7 @@ def method_table(name: str, sel: Mapping[str, Any]) -> list[str]:
 def plot_selection(selections: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Distance to the Oracle (x) vs worst utility drop (y) of every setting, one colour per method, the frontier
     joined, the tolerance drawn; Vanilla sits at (its distance, 0)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     tolerance = None
     for name, sel in selections.items():
@@ -65,7 +65,7 @@ def plot_selection(selections: Mapping[str, Mapping[str, Any]], path: Path) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_selection_report(out_dir, selections: Mapping[str, Mapping[str, Any]], titles: Mapping[str, str]) -> Path:
