@@ -48,6 +48,25 @@ def test_width_summary_averages_blocks_and_divides_the_means():
     assert summary[("image", "mean")].selectivity == pytest.approx(1.0)
 
 
+def test_width_study_refuses_a_pretrained_model_and_a_bad_width(tmp_path, capsys):
+    from tests.test_train_stages import CONFIG
+    from vleraser_jax.config import load_config
+
+    c = load_config(CONFIG)
+    assert width_study.config_at_width(c, 1024).model.intermediate_size == 1024
+    assert c.model.intermediate_size == 512  # the caller's config is left alone
+    with pytest.raises(ValueError, match="positive whole FFN width"):  # a ConfigError: the CLI prints it, exit 2
+        width_study.config_at_width(c, 0)
+    from vleraser_jax import cli
+
+    assert cli.main(["vacuum-study", "--config", str(CONFIG), "--widths", "512", "-4",
+                     f"--config.work_dir={tmp_path}"]) == 2
+    assert "-4 is not a positive whole FFN width" in capsys.readouterr().err
+    c.model.checkpoint = "/models/llava-1.5-7b-hf"
+    with pytest.raises(ValueError, match="pretrained model's FFN width is fixed"):
+        width_study.config_at_width(c, 1024)
+
+
 @pytest.mark.slow
 def test_width_study_trains_each_width_and_writes_its_tables_and_plot(tmp_path, monkeypatch):
     import datasets

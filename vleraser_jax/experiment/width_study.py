@@ -21,6 +21,7 @@ from ..data import mllmu
 from ..data.splits import validation_benchmark
 from ..eval.evaluate import evaluate
 from ..eval.report_plots import pyplot, save_png
+from ..models.configs import ConfigError
 from ..processing import load_processor
 from ..train.stages import run_stage
 from ..train.workspace import data_root
@@ -68,6 +69,12 @@ def knowledge_scores(results: dict) -> dict[str, dict]:
 
 
 def config_at_width(c, width: int):
+    """The config with its LM's FFN width set to `width`: only for models trained from scratch here."""
+    if c.model.get("checkpoint"):
+        raise ConfigError(f"model.checkpoint={c.model.checkpoint!r}: a pretrained model's FFN width is fixed; the width "
+                         "study trains its models from scratch (configs/tiny_*.py)")
+    if int(width) != width or width < 1:
+        raise ConfigError(f"--widths: {width!r} is not a positive whole FFN width (model.intermediate_size)")
     d = copy.deepcopy(c)
     d.model.intermediate_size = int(width)
     return d
@@ -78,8 +85,8 @@ def run_width_study(c, widths: Sequence[int], *, heldout_people: int = 10, max_p
     """Per width: train (or reuse) its vanilla, score its cloze knowledge of the validation people and of up to
     `max_people` retain people, and run the vacuum study. Returns ({width: study rows}, {width: knowledge})."""
     studies, knowledge = {}, {}
-    for width in widths:
-        cw = config_at_width(c, width)
+    configs = {width: config_at_width(c, width) for width in widths}  # every width checked before any training
+    for width, cw in configs.items():
         log(f"FFN width {width}: training (or reusing) its vanilla model")
         vanilla_dir = run_stage(cw, "vanilla", log=log)
         model, params, _ = load_vanilla(cw, vanilla_dir)
