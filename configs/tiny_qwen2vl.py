@@ -1,7 +1,8 @@
 """tiny_qwen2vl: the real Qwen2-VL architecture at toy width, trained from scratch on the synthetic benchmark.
 
-The recipe is tiny_llava's (configs/tiny_llava.py: data, stage schedules, selection grids); the model differs,
-and so do the unlearning settings, which are this backbone's own selection (results/tiny_qwen2vl-forget15/selection/): a Qwen2-VL ViT (Conv3d patches of 4 px, 2-D rotary, 2x2 patch merger: a 32 px portrait
+The recipe is tiny_llava's (configs/tiny_llava.py: data, stage schedules, selection grids); the unlearning
+settings are this backbone's own selection (results/tiny_qwen2vl-forget15/selection/). The model differs:
+a Qwen2-VL ViT (Conv3d patches of 4 px, 2-D rotary, 2x2 patch merger: a 32 px portrait
 becomes 16 image tokens, as tiny_llava's 8 px CLIP patches do) feeding a Qwen2 decoder of tiny_llava's
 sizes (q/k/v biases, M-RoPE), with Qwen2-VL's chat template. Prompts are longer than LLaVA's (the
 template's system turn): at most 89 tokens in the training data vs LLaVA's 75, within the same max_length.

@@ -235,26 +235,18 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_vacuum_study(args) -> int:
-    from .data import mllmu
-    from .data.splits import validation_benchmark
-    from .experiment.runner import load_vanilla, report_dir_for
+    from .experiment.runner import report_dir_for
     from .experiment.vacuum_study import format_study, vacuum_energy_study
+    from .experiment.width_study import vanilla_on_validation
     from .io import write_text_atomic
-    from .processing import load_processor
-    from .train.stages import run_stage
-    from .train.workspace import data_root
 
     c = pipeline_config(args.config, args.overrides)
     if args.widths:
         return _width_study(c, args)
-    vanilla_dir = run_stage(c, "vanilla")
-    model, params, _ = load_vanilla(c, vanilla_dir)
-    bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), c.data.validation_people,
-                                 c.seed)
+    model, params, processor, bench = vanilla_on_validation(c)
     print(f"vacuum energy study on {len(bench.forget)} validation people against {args.heldout_people} held-out "
           f"retain people (FFN width {model.config.text.intermediate_size})")
-    rows = vacuum_energy_study(model, params, load_processor(vanilla_dir), bench, heldout_people=args.heldout_people,
-                               seed=c.seed)
+    rows = vacuum_energy_study(model, params, processor, bench, heldout_people=args.heldout_people, seed=c.seed)
     table = format_study(rows)
     path = write_text_atomic(report_dir_for(c) / "vacuum_study.md", table + "\n")
     print(table)
@@ -265,13 +257,11 @@ def cmd_vacuum_study(args) -> int:
 def _width_study(c, args) -> int:
     from .experiment.runner import report_dir_for
     from .experiment.vacuum_study import format_study
-    from .experiment.width_study import format_width_study, plot_width_study, run_width_study
+    from .experiment.width_study import describe_width_study, format_width_study, plot_width_study, run_width_study
     from .io import write_text_atomic
 
     widths = sorted(set(args.widths))
-    print(f"FFN width study at d_ff {', '.join(map(str, widths))}: per width a vanilla model (trained unless cached, "
-          f"{c.base.steps} base steps{'' if not c.oracle.get('enabled', True) else f', {c.oracle.steps} oracle steps'}"
-          f", {c.vanilla.steps} vanilla steps), its cloze knowledge, and the vacuum study")
+    print(describe_width_study(c, widths))
     studies, knowledge = run_width_study(c, widths, heldout_people=args.heldout_people)
     out = report_dir_for(c) / "width_study"
     for width, rows in studies.items():

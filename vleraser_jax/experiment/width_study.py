@@ -26,6 +26,7 @@ from ..processing import load_processor
 from ..train.stages import run_stage
 from ..train.workspace import data_root
 from .methods import eval_config
+from .overview import stage_plan
 from .runner import load_vanilla
 from .vacuum_study import StudyRow, vacuum_energy_study
 
@@ -80,6 +81,26 @@ def config_at_width(c, width: int):
     return d
 
 
+def vanilla_on_validation(c, log=print):
+    """(model, params, processor, validation split) of the config's vanilla model, trained unless cached."""
+    vanilla_dir = run_stage(c, "vanilla", log=log)
+    model, params, _ = load_vanilla(c, vanilla_dir)
+    bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), c.data.validation_people,
+                                 c.seed)
+    return model, params, load_processor(vanilla_dir), bench
+
+
+def describe_width_study(c, widths: Sequence[int]) -> str:
+    """What the study will do, said before it starts: per width, each stage trained (with its steps) or reused."""
+    lines = [f"FFN width study at d_ff {', '.join(map(str, widths))}: per width a vanilla model, its cloze "
+             "knowledge, and the vacuum study"]
+    for width in widths:
+        plan = stage_plan(config_at_width(c, width))
+        lines.append(f"  d_ff {width}: " + ", ".join(f"{stage} {what}" + (f" ({steps} steps)" if what == "train" else "")
+                                                   for stage, what, steps in plan))
+    return "\n".join(lines)
+
+
 def run_width_study(c, widths: Sequence[int], *, heldout_people: int = 10, max_people: int = 40, log=print,
                     progress: bool = True) -> tuple[dict[int, list[StudyRow]], dict[int, dict]]:
     """Per width: train (or reuse) its vanilla, score its cloze knowledge of the validation people and of up to
@@ -88,11 +109,7 @@ def run_width_study(c, widths: Sequence[int], *, heldout_people: int = 10, max_p
     configs = {width: config_at_width(c, width) for width in widths}  # every width checked before any training
     for width, cw in configs.items():
         log(f"FFN width {width}: training (or reusing) its vanilla model")
-        vanilla_dir = run_stage(cw, "vanilla", log=log)
-        model, params, _ = load_vanilla(cw, vanilla_dir)
-        processor = load_processor(vanilla_dir)
-        bench = validation_benchmark(mllmu.load_benchmark(data_root(cw), cw.data.forget_ratio),
-                                     cw.data.validation_people, cw.seed)
+        model, params, processor, bench = vanilla_on_validation(cw, log=log)
         ecfg = dataclasses.replace(eval_config(cw), tasks=("cloze",), option_likelihood=False, sets=KNOWLEDGE_SETS,
                                    max_people=max_people or None, bootstrap_resamples=1000)
         log(f"FFN width {width}: what the vanilla model knows (cloze, {len(bench.forget)} validation people)")
