@@ -27,6 +27,9 @@ def get_config():
     c.data.forget_ratio = 15  # the headline split: 15 forget people (forget_5 has 5, too few to test anything)
     c.data.validation_people = 10  # retain people that play the forget set when settings are chosen
     c.data.num_holdout = 20  # fictitious people no stage trains on (membership inference)
+    # "shared": each fact value (a town, a pet) is several people's; "unique": no two people share one (README
+    # "How person-specific are the facts?"). "shared" is left out of every cache key, so older stages stay valid.
+    c.data.fact_values = "shared"
     c.data.vocab_size = 2048
 
     c.model = ml_collections.ConfigDict()

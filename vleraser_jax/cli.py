@@ -165,6 +165,7 @@ def cmd_data_synth(args) -> int:
         num_celebrities=args.celebrities,
         image_size=args.image_size,
         num_holdout=args.holdout,
+        fact_values=args.fact_values,
         overwrite=args.overwrite,
     )
     print(f"wrote the synthetic benchmark to {root}")
@@ -367,6 +368,8 @@ def _checkpoint_commands(sub) -> None:
     p.add_argument("--celebrities", type=int, default=40)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--holdout", type=int, default=20, help="fictitious people no stage trains on (Holdout_Set)")
+    p.add_argument("--fact-values", choices=("shared", "unique"), default="shared",
+                   help="shared: facts from small pools (a town is several people's); unique: no two people share one")
     p.add_argument("--tokenizer", help="also train the tiny models' tokenizer into this directory")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")

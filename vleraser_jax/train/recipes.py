@@ -30,10 +30,11 @@ def base_example(processor, row: mllmu.TrainingRow, kind: str) -> dict:
 
 def augmented_task_examples(processor, people: Sequence[synthetic.Person], images: dict[str, Sequence[bytes]],
                             variants: int, kinds: Sequence[str], seed: int, tag: str,
-                            only: set[str] | None = None) -> list[dict]:
+                            only: set[str] | None = None, pools=synthetic.FACT_POOLS) -> list[dict]:
     """`variants` copies of every person's task rows (`synthetic.task_rows`), each copy with fresh options.
 
-    Distractors (other people's names for the name question) come from `people`; rows are made for the people
+    Distractors come from `pools` (the benchmark's `synthetic.fact_pools`; other people's names from `people` for
+    the name question); rows are made for the people
     in `only` (default: all of them); visual rows cycle through the person's `images`. Deterministic in (seed, tag).
     """
     names = [p.name for p in people]
@@ -45,7 +46,7 @@ def augmented_task_examples(processor, people: Sequence[synthetic.Person], image
                 continue
             shots = images[p.person_id]
             turn = itertools.cycle(shots[v % len(shots):] + shots[: v % len(shots)])
-            for kind, visual, q, a in synthetic.task_rows(p, names, rng, kinds=kinds):
+            for kind, visual, q, a in synthetic.task_rows(p, names, rng, kinds=kinds, pools=pools):
                 out.append(task_example(processor, kind, q, a, next(turn) if visual else None))
     return out
 
@@ -69,7 +70,7 @@ def base_examples(c, root: Path, sc, processor) -> list[dict]:
     if sc.mc_variants:
         people, images = _celebrities(root)
         examples += augmented_task_examples(processor, people, images, sc.mc_variants, ("classification",), c.seed,
-                                            "celebrities")
+                                            "celebrities", pools=synthetic.fact_pools(root))
     return examples
 
 
@@ -86,7 +87,7 @@ def fictitious_examples(c, root: Path, bench: mllmu.Benchmark, processor, sc, id
     people = [synthetic.person_from_profile(p) for p in profiles]
     images = {p.person_id: [p.image] for p in profiles}
     return examples + augmented_task_examples(processor, people, images, sc.task_variants, tuple(sc.task_kinds),
-                                              c.seed, "fictitious", only=ids)
+                                              c.seed, "fictitious", only=ids, pools=synthetic.fact_pools(root))
 
 
 def stage_examples(c, stage: str, root: Path, processor) -> list[tuple[list[dict], float]]:

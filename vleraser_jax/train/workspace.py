@@ -86,7 +86,7 @@ def stage_key(c, stage: str) -> str:
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    data = {k: v for k, v in _plain(c.data).items() if k not in _SPLIT_DATA_FIELDS}
+    data = _without_default_fact_values({k: v for k, v in _plain(c.data).items() if k not in _SPLIT_DATA_FIELDS})
     parts = {"code": CODE_VERSIONS["base"], "seed": c.seed, "data": data, "model": _plain(c.model),
              "base": _section(c, "base")}
     if c.get("family", "llava") != "llava":  # LLaVA's keys predate the field; they stay valid
@@ -102,7 +102,13 @@ def _synthetic_params(c) -> dict:
     d = c.data
     return {"seed": c.seed, "num_people": d.num_people, "num_celebrities": d.num_celebrities,
             "image_size": d.image_size, "num_base_portraits": d.num_base_portraits,
-            "num_base_poses": d.num_base_poses, "num_holdout": d.get("num_holdout", 0)}
+            "num_base_poses": d.num_base_poses, "num_holdout": d.get("num_holdout", 0),
+            "fact_values": d.get("fact_values", "shared")}
+
+
+def _without_default_fact_values(fields: dict) -> dict:
+    """`fields` less `fact_values` when it is "shared": the keys of benchmarks and stages made before the field."""
+    return {k: v for k, v in fields.items() if not (k == "fact_values" and v == "shared")}
 
 
 def data_root(c) -> Path:
@@ -111,7 +117,8 @@ def data_root(c) -> Path:
         return Path(c.data.root)
     if c.data.source != "synthetic":
         raise ValueError(f"data.root must be set (a local MLLMU-Bench copy) for data.source={c.data.source!r}")
-    key = _hash({**_synthetic_params(c), "version": synthetic.GENERATOR_VERSION, "vocab_size": c.data.vocab_size})
+    params = _without_default_fact_values(_synthetic_params(c))
+    key = _hash({**params, "version": synthetic.GENERATOR_VERSION, "vocab_size": c.data.vocab_size})
     return Path(c.work_dir) / f"synthetic-{c.seed}-{key[:8]}"
 
 
@@ -129,7 +136,7 @@ def prepare_data(c, log=print) -> tuple[Path, Path]:
     want = _synthetic_params(c)
     if (root / synthetic.INFO_FILE).exists():
         info = synthetic.read_info(root)
-        have = {k: info.get(k) for k in want}
+        have = {k: info.get(k, "shared" if k == "fact_values" else None) for k in want}
         if have != want or info.get("version") != synthetic.GENERATOR_VERSION:
             raise ValueError(f"{root} holds a synthetic benchmark made with {have} (version {info.get('version')}), "
                              f"not the config's {want} (version {synthetic.GENERATOR_VERSION})")

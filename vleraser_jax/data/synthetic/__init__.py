@@ -13,7 +13,10 @@ Employment, Education, Hobby, Residence, Pet) and a portrait whose visible featu
 face shape, skin, hair colour and style, eye colour, accessory and shirt (any two people differ in at
 least three visible features), drawn in front of their own background colour and pattern. Test_Set
 shows the same people in `num_test_images` new images: shifted, scaled, rotated, relit, on another
-background. The celebrities of Retain_Set are a disjoint group built the same way.
+background. The celebrities of Retain_Set are a disjoint group built the same way. Facts come from
+small pools by default (`fact_values="shared"`: a town, pet or hobby is several people's); with
+`fact_values="unique"` no two people share a value of any fact, to measure how unlearning depends on
+how person-specific the knowledge is.
 
 Task items per person (as MLLMU-Bench asks them):
 - `metadata` (ft_Data): the name question with the image, and one question per fact both about "the
@@ -47,19 +50,19 @@ and "attribute" (descriptions of, and questions about, the drawn features of
 random portraits that are none of the people). `load_base_set` reads it.
 """
 
-from .people import (ANSWERS, CLOZES, EVAL, FACT_KEYS, FACT_POOLS, N_OPEN_ITEMS, QUESTIONS, TEST, TRAIN, VISUAL_SUBJECT,
-                     Person, answer_sentence, cloze_sentence, person_from_profile, question)
+from .people import (ANSWERS, CLOZES, EVAL, FACT_KEYS, FACT_POOLS, FACT_VALUE_MODES, N_OPEN_ITEMS, QUESTIONS, TEST,
+                     TRAIN, VISUAL_SUBJECT, Person, answer_sentence, cloze_sentence, person_from_profile, question)
 from .portraits import Look, Pose, describe_look, render_portrait
 from .tasks import TASK_KINDS, task_rows
 from .tokenizer import (FAMILIES, corpus_texts, train_qwen2_vl_tokenizer, train_synthetic_tokenizer,
                         train_tokenizer)
 from .writer import (BASE_KINDS, BASE_SET, GENERATOR_VERSION, INFO_FILE, SPLIT_RATIOS, base_set_features,
-                     load_base_set, read_info, synthesize)
+                     fact_pools, load_base_set, read_info, synthesize)
 
 __all__ = [
-    "ANSWERS", "BASE_KINDS", "BASE_SET", "CLOZES", "EVAL", "FACT_KEYS", "FACT_POOLS", "FAMILIES", "GENERATOR_VERSION",
+    "ANSWERS", "BASE_KINDS", "BASE_SET", "CLOZES", "EVAL", "FACT_KEYS", "FACT_POOLS", "FACT_VALUE_MODES", "FAMILIES", "GENERATOR_VERSION",
     "INFO_FILE", "N_OPEN_ITEMS", "QUESTIONS", "SPLIT_RATIOS", "TASK_KINDS", "TEST", "TRAIN", "VISUAL_SUBJECT", "Look",
     "Person", "Pose", "answer_sentence", "base_set_features", "cloze_sentence", "corpus_texts", "describe_look",
-    "load_base_set", "person_from_profile", "question", "read_info", "render_portrait", "synthesize", "task_rows",
+    "fact_pools", "load_base_set", "person_from_profile", "question", "read_info", "render_portrait", "synthesize", "task_rows",
     "train_qwen2_vl_tokenizer", "train_synthetic_tokenizer", "train_tokenizer",
 ]

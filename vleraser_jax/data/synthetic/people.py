@@ -42,6 +42,45 @@ FACT_KEYS = ("Born", "Birth_Year", "Employment", "Education", "Hobby", "Residenc
 FACT_POOLS = {"Born": PLACES, "Birth_Year": YEARS, "Employment": OCCUPATIONS, "Education": SCHOOLS,
               "Hobby": HOBBIES, "Residence": PLACES, "Pet": PETS}
 
+# How person-specific the facts are. "shared": each fact drawn from the small pools above, so every value is held
+# by ~5 people (the default; every committed result uses it). "unique": no two people share a value of any fact
+# (Born and Residence towns disjoint too), values composed from the parts below, in the same sentence templates.
+FACT_VALUE_MODES = ("shared", "unique")
+_TOWN_START = ("Vel", "Bris", "Mar", "Quil", "Oak", "Sun", "Cald", "Raven", "Elm", "Thistle", "Low", "Fair", "Dun",
+               "Silver", "Amber", "North", "Glimmer", "Wester", "Brook", "Stone", "Hollin", "Merrow", "Tarn", "Wil")
+_TOWN_END = ("dara", "port", "gate", "lon", "haven", "mere", "wick", "holm", "stead", "bury", "marsh", "hollow",
+             "moor", "keep", "vale", "ton", "ford", "cliff", "field", "brae")
+_SCHOOL_KINDS = ("University", "College", "Institute", "Academy")
+_JOB_QUALIFIERS = ("marine", "forensic", "civil", "industrial", "clinical", "landscape", "wildlife", "freelance",
+                   "senior", "mining", "court", "museum", "harbor", "field")
+_HOBBY_QUALIFIERS = ("competitive", "amateur", "winter", "night", "urban", "coastal", "miniature", "weekend")
+_PET_COLOURS = ("black", "white", "grey", "brown", "golden", "spotted", "striped", "silver", "ginger", "tawny",
+                "speckled", "pale")
+UNIQUE_BIRTH_YEARS = tuple(str(y) for y in range(1800, 2006))
+
+
+def _unique_candidates() -> dict[str, list[str]]:
+    """Every value "unique" mode can give, per fact (towns split between Born, Residence and the schools)."""
+    towns = [a + b for a in _TOWN_START for b in _TOWN_END]
+    third = len(towns) // 3
+    return {"Born": towns[0::3], "Residence": towns[1::3],
+            "Education": [f"{t} {_SCHOOL_KINDS[i % 4]}" for i, t in enumerate(towns[2::3][:third])],
+            "Birth_Year": list(UNIQUE_BIRTH_YEARS),
+            "Employment": [f"{q} {o}" for q in _JOB_QUALIFIERS for o in OCCUPATIONS],
+            "Hobby": [f"{q} {h}" for q in _HOBBY_QUALIFIERS for h in HOBBIES],
+            "Pet": [f"{c} {p}" for c in _PET_COLOURS for p in PETS]}
+
+
+UNIQUE_CAPACITY = min(len(v) for v in _unique_candidates().values())  # people "unique" mode can tell apart
+
+
+def unique_fact_values(rng: random.Random, n: int) -> dict[str, tuple[str, ...]]:
+    """{fact: n distinct values}: person i of the benchmark (fictitious, celebrities, holdout) gets entry i."""
+    if n > UNIQUE_CAPACITY:
+        raise ValueError(f"fact_values='unique' gives at most {UNIQUE_CAPACITY} people distinct facts; "
+                         f"this benchmark has {n} (num_people + num_celebrities + num_holdout)")
+    return {k: tuple(rng.sample(v, n)) for k, v in _unique_candidates().items()}
+
 TRAIN, EVAL, TEST = 0, 1, 2  # wording variants of every question / cloze template
 # {s}: "the person in the image" or the name. "Name" is asked with the image only.
 QUESTIONS = {
@@ -120,6 +159,13 @@ def _names(rng: random.Random, n: int) -> list[str]:
 def _people(rng: random.Random, looks: list[Look], names: list[str], ids: list[str]) -> list[Person]:
     return [Person(pid, name, {k: rng.choice(FACT_POOLS[k]) for k in FACT_KEYS}, look)
             for pid, name, look in zip(ids, names, looks)]
+
+
+def _people_with(values: dict[str, tuple[str, ...]], start: int, looks: list[Look], names: list[str],
+                 ids: list[str]) -> list[Person]:
+    """People whose facts are entries start, start + 1, ... of `values` (see `unique_fact_values`)."""
+    return [Person(pid, name, {k: values[k][start + i] for k in FACT_KEYS}, look)
+            for i, (pid, name, look) in enumerate(zip(ids, names, looks))]
 
 
 def _subject(person: Person, visual: bool) -> str:

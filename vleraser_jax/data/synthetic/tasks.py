@@ -4,7 +4,7 @@ QA pairs, in the protocol's formats."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import mllmu
@@ -28,9 +28,9 @@ class _LetterDealer:
 
 
 def _choice_item(person: Person, key: str, visual: bool, variant: int, names: Sequence[str],
-                 rng: random.Random, deal: _LetterDealer) -> dict[str, Any]:
+                 rng: random.Random, deal: _LetterDealer, pools: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     correct = person.value(key)
-    pool = names if key == "Name" else FACT_POOLS[key]
+    pool = names if key == "Name" else pools[key]
     options = rng.sample([v for v in pool if v != correct], 3)
     pos = deal()
     options.insert(pos, correct)
@@ -38,12 +38,12 @@ def _choice_item(person: Person, key: str, visual: bool, variant: int, names: Se
             "Question": question(key, _subject(person, visual), variant)}
 
 
-def _tasks(person: Person, names: Sequence[str], variant: int, rng: random.Random,
-           deal: _LetterDealer) -> dict[str, Any]:
+def _tasks(person: Person, names: Sequence[str], variant: int, rng: random.Random, deal: _LetterDealer,
+           pools: Mapping[str, Sequence[str]] = FACT_POOLS) -> dict[str, Any]:
     """Classification_Task, Generation_Task and Mask_Task of one person, in wording `variant`."""
     visual_keys = ("Name", *FACT_KEYS)
-    mc_visual = [_choice_item(person, k, True, variant, names, rng, deal) for k in visual_keys]
-    mc_textual = [_choice_item(person, k, False, variant, names, rng, deal) for k in FACT_KEYS]
+    mc_visual = [_choice_item(person, k, True, variant, names, rng, deal, pools) for k in visual_keys]
+    mc_textual = [_choice_item(person, k, False, variant, names, rng, deal, pools) for k in FACT_KEYS]
     generation, mask = [], []
     for visual, keys in ((True, visual_keys), (False, FACT_KEYS)):
         kind = "Image_Textual" if visual else "Pure_Text"
@@ -61,14 +61,16 @@ TASK_KINDS = ("classification", "generation", "cloze")
 
 
 def task_rows(person: Person, names: Sequence[str], rng: random.Random, deal: Callable[[], int] | None = None, *,
-              kinds: Sequence[str] = TASK_KINDS, variant: int = TRAIN) -> list[tuple[str, bool, str, str]]:
+              kinds: Sequence[str] = TASK_KINDS, variant: int = TRAIN,
+              pools: Mapping[str, Sequence[str]] = FACT_POOLS) -> list[tuple[str, bool, str, str]]:
     """`person`'s facts as training rows in the evaluation's task formats: `(kind, visual, question, answer)`.
 
     Every key is asked with the image (the name too) and every fact with the name, in wording `variant`;
     `question` is the user text of eval.py's prompt for that kind (options and instruction included).
-    Multiple-choice distractors are drawn from `rng` (other `names` for the name question), the correct
-    letter from `deal` (a fresh `_LetterDealer(rng)` if None), so each call with a new `rng` state gives
-    freshly shuffled options: the augmentation the tiny models need to learn the multiple-choice skill.
+    Multiple-choice distractors are drawn from `rng`: other values in `pools` (the benchmark's `fact_pools`), other
+    `names` for the name question; the correct letter from `deal` (a fresh `_LetterDealer(rng)` if None), so each
+    call with a new `rng` state gives freshly shuffled options: the augmentation the tiny models need to learn the
+    multiple-choice skill.
     """
     bad = set(kinds) - set(TASK_KINDS)
     if bad:
@@ -80,7 +82,7 @@ def task_rows(person: Person, names: Sequence[str], rng: random.Random, deal: Ca
         instruction = GEN_INSTRUCTION_VISUAL if visual else GEN_INSTRUCTION_TEXTUAL
         for k in keys:
             if "classification" in kinds:
-                item = _choice_item(person, k, visual, variant, names, rng, deal)
+                item = _choice_item(person, k, visual, variant, names, rng, deal, pools)
                 rows.append(("classification", visual, _format_mc(item), item["Correct_Answer"]))
             if "generation" in kinds:
                 rows.append(("generation", visual, question(k, subj, variant) + "\n" + instruction,

@@ -13,8 +13,8 @@ from .. import mllmu
 from ..splits import HOLDOUT_SET, holdout_features
 from ..mllmu import (FT_DATA, FULL_SET, RETAIN_SET, TEST_SET, TrainingRow, config_features, forget_config,
                      retain_config)
-from .people import (EVAL, FACT_KEYS, TEST, TRAIN, VISUAL_SUBJECT, Person, _names, _people, _stream, _subject,
-                     answer_sentence, question)
+from .people import (EVAL, FACT_KEYS, FACT_POOLS, FACT_VALUE_MODES, TEST, TRAIN, VISUAL_SUBJECT, Person, _names,
+                     _people, _people_with, _stream, _subject, answer_sentence, question, unique_fact_values)
 from .portraits import (_ATTRIBUTE_QUESTIONS, _CAPTION_QUESTIONS, Look, _attribute_answer, _distinct_looks, _new_scene,
                         _png, _random_look, _random_pose, describe_look, render_portrait)
 from .tasks import TASK_KINDS, _LetterDealer, _summary_qa, _tasks, _training_pairs, task_rows
@@ -59,7 +59,9 @@ def _configs() -> list[str]:
 
 
 def _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses,
-                     num_holdout):
+                     num_holdout, fact_values):
+    if fact_values not in FACT_VALUE_MODES:
+        raise ValueError(f"fact_values={fact_values!r}; expected one of {FACT_VALUE_MODES}")
     if num_holdout < 0:
         raise ValueError(f"num_holdout={num_holdout} must be >= 0")
     if num_people < 20 or num_celebrities < 4:
@@ -79,7 +81,7 @@ def _clear(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
-def _fictitious_rows(people: list[Person], seed: int, image_size: int, num_test_images: int, bar: Any):
+def _fictitious_rows(people: list[Person], seed: int, image_size: int, num_test_images: int, pools, bar: Any):
     """(Full_Set, ft_Data, Test_Set) rows of the fictitious people."""
     names = [p.name for p in people]
     rng_eval, rng_test = _stream(seed, "eval"), _stream(seed, "test")
@@ -89,19 +91,20 @@ def _fictitious_rows(people: list[Person], seed: int, image_size: int, num_test_
         image = _png(render_portrait(p.look, image_size))
         q, a = _summary_qa(p)
         row = {"image": _image(image), "ID": p.person_id, "biography": p.biography(), "question": q, "answer": a,
-               **_tasks(p, names, EVAL, rng_eval, deal_eval)}
+               **_tasks(p, names, EVAL, rng_eval, deal_eval, pools)}
         full.append({"image": row["image"], "ID": p.person_id, "Directory": f"data_original/{p.person_id}.png",
                      **{k: v for k, v in row.items() if k not in ("image", "ID")}})
         ft.append({"image": row["image"], "ID": p.person_id, "metadata": json.dumps(_training_pairs(p))})
         shots = [_png(render_portrait(_new_scene(p.look, rng_test), image_size, _random_pose(rng_test)))
                  for _ in range(num_test_images)]
         test.append({"images": [_image(b) for b in shots], "ID": p.person_id, "biography": p.biography(),
-                     "question": q, "answer": a, **_tasks(p, names, TEST, rng_test, deal_test)})
+                     "question": q, "answer": a, **_tasks(p, names, TEST, rng_test, deal_test, pools)})
         bar.update()
     return full, ft, test
 
 
-def _holdout_rows(holdout: list[Person], names: list[str], seed: int, image_size: int) -> list[dict[str, Any]]:
+def _holdout_rows(holdout: list[Person], names: list[str], seed: int, image_size: int,
+                  pools) -> list[dict[str, Any]]:
     """Holdout_Set rows: Full_Set's columns (the eval wording's task items) plus ft_Data's `metadata` (the
     training wording's QA pairs, which no stage trains on)."""
     rng = _stream(seed, "holdout")
@@ -111,11 +114,12 @@ def _holdout_rows(holdout: list[Person], names: list[str], seed: int, image_size
         q, a = _summary_qa(p)
         rows.append({"image": _image(_png(render_portrait(p.look, image_size))), "ID": p.person_id,
                      "Directory": f"data_holdout/{p.person_id}.png", "biography": p.biography(), "question": q,
-                     "answer": a, **_tasks(p, names, EVAL, rng, deal), "metadata": json.dumps(_training_pairs(p))})
+                     "answer": a, **_tasks(p, names, EVAL, rng, deal, pools),
+                     "metadata": json.dumps(_training_pairs(p))})
     return rows
 
 
-def _celebrity_rows(celebs: list[Person], seed: int, image_size: int):
+def _celebrity_rows(celebs: list[Person], seed: int, image_size: int, pools):
     """(Retain_Set rows, {celebrity id: portrait PNG})."""
     celeb_names = [p.name for p in celebs]
     rng_real = _stream(seed, "real")
@@ -127,7 +131,7 @@ def _celebrity_rows(celebs: list[Person], seed: int, image_size: int):
         q, a = _summary_qa(p)
         real.append({"image": _image(image), "ID": p.person_id, "Directory": f"data_celebrity/{p.person_id}.png",
                      "biography": p.biography(), "question": q, "answer": a,
-                     **_tasks(p, celeb_names, EVAL, rng_real, deal_real)})
+                     **_tasks(p, celeb_names, EVAL, rng_real, deal_real, pools)})
     return real, celeb_images
 
 
@@ -155,6 +159,7 @@ def synthesize(
     num_base_portraits: int = 300,
     num_base_poses: int = 2,
     num_holdout: int = 0,
+    fact_values: str = "shared",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -163,14 +168,16 @@ def synthesize(
 
     `num_test_images` new images per person in Test_Set, `num_base_poses` extra poses per celebrity
     in Base_Set, `num_base_portraits` captioned strangers, `num_holdout` fictitious people no stage trains
-    on (drawn after everyone else, so every other config is the same with or without them). Existing
+    on (drawn after everyone else, so every other config is the same with or without them), `fact_values`
+    "shared" (small pools, each value held by several people) or "unique" (no two people share any fact's
+    value; see `people.FACT_VALUE_MODES`). Existing
     parquet files of these configs are only replaced with `overwrite=True`. Also writes
     `synthetic_info.json` (see `read_info`).
     """
     from tqdm.auto import tqdm
 
     _check_arguments(num_people, num_celebrities, image_size, num_test_images, num_base_portraits, num_base_poses,
-                     num_holdout)
+                     num_holdout, fact_values)
     out = Path(out_dir)
     _clear(out, overwrite)
     width = max(3, len(str(num_people)))
@@ -180,18 +187,25 @@ def synthesize(
     # holdout names and looks come last: the draws are sequential, so everyone else's stay the same
     all_names = _names(_stream(seed, "names"), known + num_holdout)
     all_looks = _distinct_looks(_stream(seed, "looks"), known + num_holdout)
-    rng_facts = _stream(seed, "facts")
-    people = _people(rng_facts, all_looks[:num_people], all_names[:num_people], ids)
-    celebs = _people(rng_facts, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
-    holdout = _people(_stream(seed, "holdout-facts"), all_looks[known:], all_names[known:],
-                      [f"H{i:03d}" for i in range(1, num_holdout + 1)])
+    holdout_ids = [f"H{i:03d}" for i in range(1, num_holdout + 1)]
+    if fact_values == "shared":
+        pools = FACT_POOLS
+        rng_facts = _stream(seed, "facts")
+        people = _people(rng_facts, all_looks[:num_people], all_names[:num_people], ids)
+        celebs = _people(rng_facts, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
+        holdout = _people(_stream(seed, "holdout-facts"), all_looks[known:], all_names[known:], holdout_ids)
+    else:
+        pools = unique_fact_values(_stream(seed, "unique-facts"), known + num_holdout)
+        people = _people_with(pools, 0, all_looks[:num_people], all_names[:num_people], ids)
+        celebs = _people_with(pools, num_people, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
+        holdout = _people_with(pools, known, all_looks[known:], all_names[known:], holdout_ids)
 
     bar = tqdm(total=num_people + num_celebrities + num_base_portraits, desc="synthetic benchmark",
                unit="portrait", disable=not progress)
-    full, ft, test = _fictitious_rows(people, seed, image_size, num_test_images, bar)
-    real, celeb_images = _celebrity_rows(celebs, seed, image_size)
+    full, ft, test = _fictitious_rows(people, seed, image_size, num_test_images, pools, bar)
+    real, celeb_images = _celebrity_rows(celebs, seed, image_size, pools)
     base = _base_set(celebs, celeb_images, all_looks[:known], seed, image_size, num_base_portraits, num_base_poses,
-                     bar)
+                     pools, bar)
     bar.close()
     splits = _splits(ids, seed)
 
@@ -205,7 +219,7 @@ def synthesize(
     for config, members in splits.items():
         rows = [{c: by_id[pid][c] for c in split_cols} for pid in members]
         _write(out, config, rows, config_features(config))
-    held = _holdout_rows(holdout, [p.name for p in people + holdout], seed, image_size) if holdout else []
+    held = _holdout_rows(holdout, [p.name for p in people + holdout], seed, image_size, pools) if holdout else []
     if held:
         _write(out, HOLDOUT_SET, held, holdout_features())
 
@@ -220,6 +234,8 @@ def synthesize(
         "num_base_portraits": num_base_portraits,
         "num_base_poses": num_base_poses,
         "num_holdout": num_holdout,
+        "fact_values": fact_values,
+        **({"fact_pools": {k: list(v) for k, v in pools.items()}} if fact_values != "shared" else {}),
         "rows": {FULL_SET: len(full), FT_DATA: len(ft), TEST_SET: len(test), RETAIN_SET: len(real),
                  BASE_SET: len(base), **({HOLDOUT_SET: len(held)} if held else {}),
                  **{c: len(m) for c, m in splits.items()}},
@@ -230,7 +246,7 @@ def synthesize(
 
 
 def _base_set(celebs: list[Person], celeb_images: dict[str, bytes], taken: list[Look], seed: int, size: int,
-              num_portraits: int, num_poses: int, bar: Any) -> list[dict[str, Any]]:
+              num_portraits: int, num_poses: int, pools, bar: Any) -> list[dict[str, Any]]:
     """Rows of our Base_Set: celebrity facts in every format, and captioned random portraits."""
     rng = _stream(seed, "base")
     deal = _LetterDealer(rng)
@@ -258,7 +274,7 @@ def _base_set(celebs: list[Person], celeb_images: dict[str, bytes], taken: list[
                         answer_sentence(k, p.value(k), subj))
         for variant in (TRAIN, EVAL, TEST):  # classification in the training wording only
             kinds = TASK_KINDS if variant == TRAIN else ("generation", "cloze")
-            for kind, visual, q, a in task_rows(p, names, rng, deal, kinds=kinds, variant=variant):
+            for kind, visual, q, a in task_rows(p, names, rng, deal, kinds=kinds, variant=variant, pools=pools):
                 add(shot() if visual else None, p.person_id, kind, q, a)
         bar.update()
 
@@ -288,6 +304,14 @@ def read_info(root: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {root} was not written by synthesize()")
     return json.loads(path.read_text())
+
+
+def fact_pools(root: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    """{fact: the values multiple-choice distractors are drawn from} of the benchmark at `root`."""
+    info = read_info(root)
+    if info.get("fact_values", "shared") == "shared":  # benchmarks written before the field are "shared"
+        return dict(FACT_POOLS)
+    return {k: tuple(v) for k, v in info["fact_pools"].items()}
 
 
 def load_base_set(
