@@ -187,3 +187,36 @@ def test_holdout_people_are_new_and_change_nothing_else(synth, tmp_path):
     trained = {r.person_id for r in bench.full_train} | {r.person_id for r in S.load_base_set(with_holdout)}
     assert not ids & trained
     assert {r.person_id for r in holdout.rows} == ids and all(r.question and r.answer for r in holdout.rows)
+
+
+def test_unique_fact_values_give_no_two_people_a_shared_fact(tmp_path):
+    """fact_values='unique': every fact's value belongs to one person only (fictitious, celebrities and holdout,
+    Born and Residence towns apart too); distractors come from the recorded pools, which `fact_pools` reads back."""
+    from vleraser_jax.data.splits import load_holdout
+
+    root = S.synthesize(tmp_path / "unique", **{**SMALL, "num_holdout": 4, "fact_values": "unique"})
+    bench = M.load_benchmark(root, 5)
+    people = [*bench.forget, *bench.retain, *bench.real, *load_holdout(root).people]
+    assert len(people) == 52
+    for key in S.FACT_KEYS:
+        values = [p.biography[key] for p in people]
+        assert len(set(values)) == len(values), key
+    towns = [p.biography[k] for p in people for k in ("Born", "Residence")]
+    assert len(set(towns)) == len(towns)
+    pools = S.fact_pools(root)
+    assert pools != S.FACT_POOLS and all(len(pools[k]) == 52 for k in S.FACT_KEYS)
+    value_key = {v: k for k, vs in pools.items() for v in vs}
+    for p in bench.forget + bench.retain:
+        for mc in p.visual_mc[1:] + p.textual_mc:  # the name question's options are names
+            key = value_key[mc.options[mc.answer]]
+            assert all(value_key.get(o) == key for o in mc.options.values()), mc
+    assert S.fact_pools(S.synthesize(tmp_path / "shared", **SMALL)) == S.FACT_POOLS
+    assert S.read_info(root)["fact_values"] == "unique"
+
+
+def test_unique_fact_values_refuse_more_people_than_they_can_tell_apart(tmp_path):
+    with pytest.raises(ValueError, match="at most 144 people"):
+        S.synthesize(tmp_path / "big", **{**SMALL, "num_people": 140, "num_holdout": 5, "fact_values": "unique"})
+    with pytest.raises(ValueError, match="fact_values='distinct'"):
+        S.synthesize(tmp_path / "bad", **{**SMALL, "fact_values": "distinct"})
+    assert not (tmp_path / "big").exists()  # refused before anything is written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import jax
@@ -118,6 +119,45 @@ def test_stage_key_tracks_only_relevant_fields(tmp_path):
         assert workspace.stage_key(d, "base") != base and workspace.stage_key(d, "vanilla") != vanilla, relevant
     with pytest.raises(ValueError, match="stage"):
         workspace.stage_key(c, "pretrain")
+
+
+def test_fact_values_shared_keeps_every_older_key_and_unique_makes_new_ones(tmp_path):
+    """'shared' (the default) is left out of the benchmark's and the stages' keys, so everything cached or committed
+    before the field stays valid; 'unique' is another benchmark and other stages."""
+    c = toy_config(tmp_path)
+    keys = lambda d: (workspace.data_root(d), *(workspace.stage_key(d, s) for s in workspace.STAGES))
+    older = toy_config(tmp_path)
+    del older.data["fact_values"]
+    assert keys(older) == keys(c)
+    unique = toy_config(tmp_path, "data.fact_values=unique")
+    assert all(a != b for a, b in zip(keys(unique), keys(c)))
+
+
+def test_unique_fact_values_train_with_distractors_from_the_benchmarks_pools(trained, tmp_path):
+    """With unique facts every training multiple-choice option is some person's value of the asked fact (the
+    benchmark's recorded pools), never one of the shared pools' values; the shared benchmark's info file written
+    before the field (no `fact_values`) still matches a config that says "shared"."""
+    from vleraser_jax.data import synthetic
+
+    c = toy_config(tmp_path, "data.fact_values=unique")
+    root, _ = workspace.prepare_data(c, log=lambda *_: None)
+    pools = synthetic.fact_pools(root)
+    values = {v for vs in pools.values() for v in vs}
+    names = {p.name for config in (mllmu.FULL_SET, mllmu.RETAIN_SET) for p in mllmu.load_profiles(root, config)}
+    processor = load_processor(trained[2])  # any processor: the test reads the prompts' text
+    rows = [ex for examples, _ in recipes.stage_examples(c, "oracle", root, processor) for ex in examples]
+    options = [[line[3:] for line in ex["prompt"].split("\n") if line[:3] in ("A: ", "B: ", "C: ", "D: ")]
+               for ex in rows]
+    options = [o for o in options if o and o[0] not in names]  # the fact questions (the name one has names)
+    assert len(options) > 20 and all(len(o) == 4 and set(o) <= values for o in options)
+    assert sum(set(o) <= set(pools["Pet"]) for o in options) >= 4
+    assert not set(pools["Pet"]) & set(synthetic.FACT_POOLS["Pet"])  # "grey parrot", never the shared "parrot"
+    shared = toy_config(tmp_path)
+    root, _ = workspace.prepare_data(shared, log=lambda *_: None)
+    info = synthetic.read_info(root)
+    del info["fact_values"]
+    (root / synthetic.INFO_FILE).write_text(json.dumps(info))
+    assert workspace.prepare_data(shared, log=lambda *_: None)[0] == root
 
 
 def test_run_stage_caches(trained):
