@@ -220,3 +220,14 @@ def test_unique_fact_values_refuse_more_people_than_they_can_tell_apart(tmp_path
     with pytest.raises(ValueError, match="fact_values='distinct'"):
         S.synthesize(tmp_path / "bad", **{**SMALL, "fact_values": "distinct"})
     assert not (tmp_path / "big").exists()  # refused before anything is written
+
+
+def test_data_synth_command_writes_unique_facts(tmp_path, capsys):
+    from vleraser_jax import cli
+
+    out = tmp_path / "bench"
+    assert cli.main(["data", "synth", "--out", str(out), "--people", "20", "--celebrities", "4", "--image-size", "16",
+                     "--holdout", "0", "--fact-values", "unique"]) == 0
+    assert S.read_info(out)["fact_values"] == "unique" and '"fact_values": "unique"' in capsys.readouterr().out
+    pets = [p.biography["Pet"] for p in M.load_profiles(out, "Full_Set")]
+    assert len(set(pets)) == 20
