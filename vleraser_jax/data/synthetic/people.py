@@ -74,11 +74,15 @@ def _unique_candidates() -> dict[str, list[str]]:
 UNIQUE_CAPACITY = min(len(v) for v in _unique_candidates().values())  # people "unique" mode can tell apart
 
 
-def unique_fact_values(rng: random.Random, n: int) -> dict[str, tuple[str, ...]]:
-    """{fact: n distinct values}: person i of the benchmark (fictitious, celebrities, holdout) gets entry i."""
+def require_unique_capacity(n: int) -> None:
     if n > UNIQUE_CAPACITY:
         raise ValueError(f"fact_values='unique' gives at most {UNIQUE_CAPACITY} people distinct facts; "
                          f"this benchmark has {n} (num_people + num_celebrities + num_holdout)")
+
+
+def unique_fact_values(rng: random.Random, n: int) -> dict[str, tuple[str, ...]]:
+    """{fact: n distinct values}: person i of the benchmark (fictitious, celebrities, holdout) gets entry i."""
+    require_unique_capacity(n)
     return {k: tuple(rng.sample(v, n)) for k, v in _unique_candidates().items()}
 
 TRAIN, EVAL, TEST = 0, 1, 2  # wording variants of every question / cloze template

@@ -13,8 +13,8 @@ from .. import mllmu
 from ..splits import HOLDOUT_SET, holdout_features
 from ..mllmu import (FT_DATA, FULL_SET, RETAIN_SET, TEST_SET, TrainingRow, config_features, forget_config,
                      retain_config)
-from .people import (EVAL, FACT_KEYS, FACT_POOLS, FACT_VALUE_MODES, TEST, TRAIN, UNIQUE_CAPACITY, VISUAL_SUBJECT,
-                     Person, _names, _people, _people_with, _stream, _subject, answer_sentence, question,
+from .people import (EVAL, FACT_KEYS, FACT_POOLS, FACT_VALUE_MODES, TEST, TRAIN, VISUAL_SUBJECT, Person, _names,
+                     _people, _people_with, _stream, _subject, answer_sentence, question, require_unique_capacity,
                      unique_fact_values)
 from .portraits import (_ATTRIBUTE_QUESTIONS, _CAPTION_QUESTIONS, Look, _attribute_answer, _distinct_looks, _new_scene,
                         _png, _random_look, _random_pose, describe_look, render_portrait)
@@ -63,10 +63,8 @@ def _check_arguments(num_people, num_celebrities, image_size, num_test_images, n
                      num_holdout, fact_values):
     if fact_values not in FACT_VALUE_MODES:
         raise ValueError(f"fact_values={fact_values!r}; expected one of {FACT_VALUE_MODES}")
-    everyone = num_people + num_celebrities + num_holdout
-    if fact_values == "unique" and everyone > UNIQUE_CAPACITY:
-        raise ValueError(f"fact_values='unique' gives at most {UNIQUE_CAPACITY} people distinct facts; this benchmark "
-                         f"has {everyone} (num_people + num_celebrities + num_holdout)")
+    if fact_values == "unique":
+        require_unique_capacity(num_people + num_celebrities + num_holdout)
     if num_holdout < 0:
         raise ValueError(f"num_holdout={num_holdout} must be >= 0")
     if num_people < 20 or num_celebrities < 4:
