@@ -190,8 +190,10 @@ def test_holdout_people_are_new_and_change_nothing_else(synth, tmp_path):
 
 
 def test_unique_fact_values_give_no_two_people_a_shared_fact(tmp_path):
-    """fact_values='unique': every fact's value belongs to one person only (fictitious, celebrities and holdout,
-    Born and Residence towns apart too); distractors come from the recorded pools, which `fact_pools` reads back."""
+    """fact_values='unique': every fact's value belongs to one person only (fictitious, celebrities and holdout;
+    the towns of Born, Residence and the schools apart too). Multiple-choice distractors are values no one has,
+    the evaluation items' disjoint from the training rows' (`fact_pools` reads both back), so no option can be
+    ruled out as someone else's and no evaluation distractor was ever a training row's wrong answer."""
     from vleraser_jax.data.splits import load_holdout
 
     root = S.synthesize(tmp_path / "unique", **{**SMALL, "num_holdout": 4, "fact_values": "unique"})
@@ -202,21 +204,34 @@ def test_unique_fact_values_give_no_two_people_a_shared_fact(tmp_path):
         values = [p.biography[key] for p in people]
         assert len(set(values)) == len(values), key
     towns = [p.biography[k] for p in people for k in ("Born", "Residence")]
+    towns += [p.biography["Education"].rsplit(" ", 1)[0] for p in people]
     assert len(set(towns)) == len(towns)
-    pools = S.fact_pools(root)
-    assert pools != S.FACT_POOLS and all(len(pools[k]) == 52 for k in S.FACT_KEYS)
-    value_key = {v: k for k, vs in pools.items() for v in vs}
-    for p in bench.forget + bench.retain:
+    held = {v for p in people for k, v in p.biography.items() if k != "Name"}
+    training, evaluation = S.fact_pools(root, "training"), S.fact_pools(root, "evaluation")
+    for key in S.FACT_KEYS:
+        assert len(training[key]) == len(evaluation[key]) == 24, key
+        assert not set(training[key]) & set(evaluation[key]) and not held & (set(training[key]) | set(evaluation[key]))
+    for p in people:
         for mc in p.visual_mc[1:] + p.textual_mc:  # the name question's options are names
-            key = value_key[mc.options[mc.answer]]
-            assert all(value_key.get(o) == key for o in mc.options.values()), mc
+            distractors = {o for letter, o in mc.options.items() if letter != mc.answer}
+            assert mc.options[mc.answer] in held and len(distractors) == 3, mc
+            assert any(distractors <= set(evaluation[k]) for k in S.FACT_KEYS), mc
+    base_options = [line[3:] for r in S.load_base_set(root, kinds=("classification",))
+                    for line in r.question.split("\n") if line[:3] in ("A: ", "B: ", "C: ", "D: ")]
+    names = {p.name for p in people}
+    assert base_options and not set(base_options) & {v for vs in evaluation.values() for v in vs}
+    assert set(base_options) <= held | names | {v for vs in training.values() for v in vs}
     assert S.fact_pools(S.synthesize(tmp_path / "shared", **SMALL)) == S.FACT_POOLS
     assert S.read_info(root)["fact_values"] == "unique"
+    with pytest.raises(ValueError, match="purpose"):
+        S.fact_pools(root, "test")
 
 
 def test_unique_fact_values_refuse_more_people_than_they_can_tell_apart(tmp_path):
-    with pytest.raises(ValueError, match="at most 144 people"):
-        S.synthesize(tmp_path / "big", **{**SMALL, "num_people": 140, "num_holdout": 5, "fact_values": "unique"})
+    from vleraser_jax.data.synthetic.people import UNIQUE_CAPACITY
+
+    with pytest.raises(ValueError, match=f"at most {UNIQUE_CAPACITY} people"):
+        S.synthesize(tmp_path / "big", **{**SMALL, "num_people": UNIQUE_CAPACITY, "fact_values": "unique"})
     with pytest.raises(ValueError, match="fact_values='distinct'"):
         S.synthesize(tmp_path / "bad", **{**SMALL, "fact_values": "distinct"})
     assert not (tmp_path / "big").exists()  # refused before anything is written

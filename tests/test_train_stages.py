@@ -133,25 +133,30 @@ def test_fact_values_shared_keeps_every_older_key_and_unique_makes_new_ones(tmp_
     assert all(a != b for a, b in zip(keys(unique), keys(c)))
 
 
-def test_unique_fact_values_train_with_distractors_from_the_benchmarks_pools(trained, tmp_path):
-    """With unique facts every training multiple-choice option is some person's value of the asked fact (the
-    benchmark's recorded pools), never one of the shared pools' values; the shared benchmark's info file written
+def test_unique_fact_values_train_with_distractors_no_one_has(trained, tmp_path):
+    """With unique facts every training multiple-choice row about a fact offers the person's value and three values
+    of the benchmark's training distractor pool (no one's, and never an evaluation item's distractor), so the
+    oracle never meets an excluded person's value even as a wrong answer; the shared benchmark's info file written
     before the field (no `fact_values`) still matches a config that says "shared"."""
     from vleraser_jax.data import synthetic
 
     c = toy_config(tmp_path, "data.fact_values=unique")
     root, _ = workspace.prepare_data(c, log=lambda *_: None)
-    pools = synthetic.fact_pools(root)
-    values = {v for vs in pools.values() for v in vs}
-    names = {p.name for config in (mllmu.FULL_SET, mllmu.RETAIN_SET) for p in mllmu.load_profiles(root, config)}
+    training, evaluation = synthetic.fact_pools(root, "training"), synthetic.fact_pools(root, "evaluation")
+    profiles = [p for config in (mllmu.FULL_SET, mllmu.RETAIN_SET) for p in mllmu.load_profiles(root, config)]
+    names = {p.name for p in profiles}
+    held = {v for p in profiles for k, v in p.biography.items() if k != "Name"}
     processor = load_processor(trained[2])  # any processor: the test reads the prompts' text
     rows = [ex for examples, _ in recipes.stage_examples(c, "oracle", root, processor) for ex in examples]
     options = [[line[3:] for line in ex["prompt"].split("\n") if line[:3] in ("A: ", "B: ", "C: ", "D: ")]
                for ex in rows]
-    options = [o for o in options if o and o[0] not in names]  # the fact questions (the name one has names)
-    assert len(options) > 20 and all(len(o) == 4 and set(o) <= values for o in options)
-    assert sum(set(o) <= set(pools["Pet"]) for o in options) >= 4
-    assert not set(pools["Pet"]) & set(synthetic.FACT_POOLS["Pet"])  # "grey parrot", never the shared "parrot"
+    options = [o for o in options if o and not set(o) <= names]  # the fact questions (the name one has names)
+    assert len(options) > 20
+    for o in options:
+        correct = [v for v in o if v in held]
+        assert len(o) == 4 and len(correct) == 1, o
+        assert any(set(o) - set(correct) <= set(training[k]) for k in synthetic.FACT_KEYS), o
+    assert not {v for o in options for v in o} & {v for vs in evaluation.values() for v in vs}
     shared = toy_config(tmp_path)
     root, _ = workspace.prepare_data(shared, log=lambda *_: None)
     info = synthetic.read_info(root)

@@ -44,34 +44,40 @@ FACT_POOLS = {"Born": PLACES, "Birth_Year": YEARS, "Employment": OCCUPATIONS, "E
 
 # How person-specific the facts are. "shared": each fact drawn from the small pools above, so every value is held
 # by ~5 people (the default; every committed result uses it). "unique": no two people share a value of any fact
-# (Born and Residence towns disjoint too), values composed from the parts below, in the same sentence templates.
+# (Born, Residence and school towns apart too), values composed from the parts below, in the same sentence
+# templates. Unique values would let a model rule out options it knows to be someone else's, so multiple-choice
+# distractors there are values no one has: one set for training rows, a disjoint one for evaluation items, and
+# an Oracle that never saw a forget person meets four values it has never seen as an answer.
 FACT_VALUE_MODES = ("shared", "unique")
 _TOWN_START = ("Vel", "Bris", "Mar", "Quil", "Oak", "Sun", "Cald", "Raven", "Elm", "Thistle", "Low", "Fair", "Dun",
-               "Silver", "Amber", "North", "Glimmer", "Wester", "Brook", "Stone", "Hollin", "Merrow", "Tarn", "Wil")
+               "Silver", "Amber", "North", "Glimmer", "Wester", "Brook", "Stone", "Hollin", "Merrow", "Tarn", "Wil",
+               "Hazel", "Corn", "Ember", "Frost", "Grey", "Lark")
 _TOWN_END = ("dara", "port", "gate", "lon", "haven", "mere", "wick", "holm", "stead", "bury", "marsh", "hollow",
-             "moor", "keep", "vale", "ton", "ford", "cliff", "field", "brae")
+             "moor", "keep", "vale", "ton", "ford", "cliff", "field", "brae", "combe", "ness", "thorpe", "wold")
 _SCHOOL_KINDS = ("University", "College", "Institute", "Academy")
 _JOB_QUALIFIERS = ("marine", "forensic", "civil", "industrial", "clinical", "landscape", "wildlife", "freelance",
                    "senior", "mining", "court", "museum", "harbor", "field")
-_HOBBY_QUALIFIERS = ("competitive", "amateur", "winter", "night", "urban", "coastal", "miniature", "weekend")
+_HOBBY_QUALIFIERS = ("competitive", "amateur", "winter", "night", "urban", "coastal", "miniature", "weekend",
+                     "summer", "village", "indoor", "river", "mountain", "festival", "garden", "seaside")
 _PET_COLOURS = ("black", "white", "grey", "brown", "golden", "spotted", "striped", "silver", "ginger", "tawny",
-                "speckled", "pale")
+                "speckled", "pale", "russet", "sandy", "dappled", "smoky", "amber", "cream", "copper", "ash")
 UNIQUE_BIRTH_YEARS = tuple(str(y) for y in range(1800, 2006))
+UNIQUE_DISTRACTORS = 24  # values no one has, per fact, for training rows and as many again for evaluation items
 
 
 def _unique_candidates() -> dict[str, list[str]]:
-    """Every value "unique" mode can give, per fact (towns split between Born, Residence and the schools)."""
+    """Every value "unique" mode can use, per fact (towns split between Born, Residence and the schools)."""
     towns = [a + b for a in _TOWN_START for b in _TOWN_END]
-    third = len(towns) // 3
     return {"Born": towns[0::3], "Residence": towns[1::3],
-            "Education": [f"{t} {_SCHOOL_KINDS[i % 4]}" for i, t in enumerate(towns[2::3][:third])],
+            "Education": [f"{t} {_SCHOOL_KINDS[i % 4]}" for i, t in enumerate(towns[2::3])],
             "Birth_Year": list(UNIQUE_BIRTH_YEARS),
             "Employment": [f"{q} {o}" for q in _JOB_QUALIFIERS for o in OCCUPATIONS],
             "Hobby": [f"{q} {h}" for q in _HOBBY_QUALIFIERS for h in HOBBIES],
             "Pet": [f"{c} {p}" for c in _PET_COLOURS for p in PETS]}
 
 
-UNIQUE_CAPACITY = min(len(v) for v in _unique_candidates().values())  # people "unique" mode can tell apart
+# people "unique" mode can tell apart
+UNIQUE_CAPACITY = min(len(v) for v in _unique_candidates().values()) - 2 * UNIQUE_DISTRACTORS
 
 
 def require_unique_capacity(n: int) -> None:
@@ -80,10 +86,22 @@ def require_unique_capacity(n: int) -> None:
                          f"this benchmark has {n} (num_people + num_celebrities + num_holdout)")
 
 
-def unique_fact_values(rng: random.Random, n: int) -> dict[str, tuple[str, ...]]:
-    """{fact: n distinct values}: person i of the benchmark (fictitious, celebrities, holdout) gets entry i."""
+@dataclasses.dataclass(frozen=True)
+class UniqueFacts:
+    """Per fact: `people[i]` is person i's value (fictitious, then celebrities, then holdout); `training` and
+    `evaluation` are the distractors of training rows and of evaluation items, values no one has."""
+    people: dict[str, tuple[str, ...]]
+    training: dict[str, tuple[str, ...]]
+    evaluation: dict[str, tuple[str, ...]]
+
+
+def unique_fact_values(rng: random.Random, n: int) -> UniqueFacts:
     require_unique_capacity(n)
-    return {k: tuple(rng.sample(v, n)) for k, v in _unique_candidates().items()}
+    drawn = {k: rng.sample(v, n + 2 * UNIQUE_DISTRACTORS) for k, v in _unique_candidates().items()}
+    return UniqueFacts({k: tuple(v[:n]) for k, v in drawn.items()},
+                       {k: tuple(v[n:n + UNIQUE_DISTRACTORS]) for k, v in drawn.items()},
+                       {k: tuple(v[n + UNIQUE_DISTRACTORS:]) for k, v in drawn.items()})
+
 
 TRAIN, EVAL, TEST = 0, 1, 2  # wording variants of every question / cloze template
 # {s}: "the person in the image" or the name. "Name" is asked with the image only.

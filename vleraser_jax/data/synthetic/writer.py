@@ -192,23 +192,24 @@ def synthesize(
     all_looks = _distinct_looks(_stream(seed, "looks"), known + num_holdout)
     holdout_ids = [f"H{i:03d}" for i in range(1, num_holdout + 1)]
     if fact_values == "shared":
-        pools = FACT_POOLS
+        train_pools = eval_pools = FACT_POOLS
         rng_facts = _stream(seed, "facts")
         people = _people(rng_facts, all_looks[:num_people], all_names[:num_people], ids)
         celebs = _people(rng_facts, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
         holdout = _people(_stream(seed, "holdout-facts"), all_looks[known:], all_names[known:], holdout_ids)
     else:
-        pools = unique_fact_values(_stream(seed, "unique-facts"), known + num_holdout)
-        people = _people_with(pools, 0, all_looks[:num_people], all_names[:num_people], ids)
-        celebs = _people_with(pools, num_people, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
-        holdout = _people_with(pools, known, all_looks[known:], all_names[known:], holdout_ids)
+        unique = unique_fact_values(_stream(seed, "unique-facts"), known + num_holdout)
+        train_pools, eval_pools, values = unique.training, unique.evaluation, unique.people
+        people = _people_with(values, 0, all_looks[:num_people], all_names[:num_people], ids)
+        celebs = _people_with(values, num_people, all_looks[num_people:known], all_names[num_people:known], celeb_ids)
+        holdout = _people_with(values, known, all_looks[known:], all_names[known:], holdout_ids)
 
     bar = tqdm(total=num_people + num_celebrities + num_base_portraits, desc="synthetic benchmark",
                unit="portrait", disable=not progress)
-    full, ft, test = _fictitious_rows(people, seed, image_size, num_test_images, pools, bar)
-    real, celeb_images = _celebrity_rows(celebs, seed, image_size, pools)
+    full, ft, test = _fictitious_rows(people, seed, image_size, num_test_images, eval_pools, bar)
+    real, celeb_images = _celebrity_rows(celebs, seed, image_size, eval_pools)
     base = _base_set(celebs, celeb_images, all_looks[:known], seed, image_size, num_base_portraits, num_base_poses,
-                     pools, bar)
+                     train_pools, bar)
     bar.close()
     splits = _splits(ids, seed)
 
@@ -222,7 +223,7 @@ def synthesize(
     for config, members in splits.items():
         rows = [{c: by_id[pid][c] for c in split_cols} for pid in members]
         _write(out, config, rows, config_features(config))
-    held = _holdout_rows(holdout, [p.name for p in people + holdout], seed, image_size, pools) if holdout else []
+    held = _holdout_rows(holdout, [p.name for p in people + holdout], seed, image_size, eval_pools) if holdout else []
     if held:
         _write(out, HOLDOUT_SET, held, holdout_features())
 
@@ -238,7 +239,9 @@ def synthesize(
         "num_base_poses": num_base_poses,
         "num_holdout": num_holdout,
         "fact_values": fact_values,
-        **({"fact_pools": {k: list(v) for k, v in pools.items()}} if fact_values != "shared" else {}),
+        **({"fact_pools": {"training": {k: list(v) for k, v in train_pools.items()},
+                           "evaluation": {k: list(v) for k, v in eval_pools.items()}}}
+           if fact_values != "shared" else {}),
         "rows": {FULL_SET: len(full), FT_DATA: len(ft), TEST_SET: len(test), RETAIN_SET: len(real),
                  BASE_SET: len(base), **({HOLDOUT_SET: len(held)} if held else {}),
                  **{c: len(m) for c, m in splits.items()}},
@@ -309,12 +312,15 @@ def read_info(root: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def fact_pools(root: str | os.PathLike) -> dict[str, tuple[str, ...]]:
-    """{fact: the values multiple-choice distractors are drawn from} of the benchmark at `root`."""
+def fact_pools(root: str | os.PathLike, purpose: str = "training") -> dict[str, tuple[str, ...]]:
+    """{fact: the values multiple-choice distractors are drawn from} of the benchmark at `root`, for "training"
+    rows or "evaluation" items (the same pools unless its facts are unique)."""
+    if purpose not in ("training", "evaluation"):
+        raise ValueError(f"purpose={purpose!r}; expected 'training' or 'evaluation'")
     info = read_info(root)
     if info.get("fact_values", "shared") == "shared":  # benchmarks written before the field are "shared"
         return dict(FACT_POOLS)
-    return {k: tuple(v) for k, v in info["fact_pools"].items()}
+    return {k: tuple(v) for k, v in info["fact_pools"][purpose].items()}
 
 
 def load_base_set(
