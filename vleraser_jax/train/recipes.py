@@ -30,12 +30,12 @@ def base_example(processor, row: mllmu.TrainingRow, kind: str) -> dict:
 
 def augmented_task_examples(processor, people: Sequence[synthetic.Person], images: dict[str, Sequence[bytes]],
                             variants: int, kinds: Sequence[str], seed: int, tag: str,
-                            only: set[str] | None = None, pools=synthetic.FACT_POOLS) -> list[dict]:
+                            pools, only: set[str] | None = None) -> list[dict]:
     """`variants` copies of every person's task rows (`synthetic.task_rows`), each copy with fresh options.
 
     Distractors come from `pools` (the benchmark's `synthetic.fact_pools`; other people's names from `people` for
-    the name question); rows are made for the people
-    in `only` (default: all of them); visual rows cycle through the person's `images`. Deterministic in (seed, tag).
+    the name question); rows are made for the people in `only` (default: all of them); visual rows cycle through
+    the person's `images`. Deterministic in (seed, tag).
     """
     names = [p.name for p in people]
     out = []
@@ -70,7 +70,7 @@ def base_examples(c, root: Path, sc, processor) -> list[dict]:
     if sc.mc_variants:
         people, images = _celebrities(root)
         examples += augmented_task_examples(processor, people, images, sc.mc_variants, ("classification",), c.seed,
-                                            "celebrities", pools=synthetic.fact_pools(root))
+                                            "celebrities", synthetic.fact_pools(root))
     return examples
 
 
@@ -87,7 +87,7 @@ def fictitious_examples(c, root: Path, bench: mllmu.Benchmark, processor, sc, id
     people = [synthetic.person_from_profile(p) for p in profiles]
     images = {p.person_id: [p.image] for p in profiles}
     return examples + augmented_task_examples(processor, people, images, sc.task_variants, tuple(sc.task_kinds),
-                                              c.seed, "fictitious", only=ids, pools=synthetic.fact_pools(root))
+                                              c.seed, "fictitious", synthetic.fact_pools(root), only=ids)
 
 
 def stage_examples(c, stage: str, root: Path, processor) -> list[tuple[list[dict], float]]:

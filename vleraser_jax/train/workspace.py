@@ -136,7 +136,7 @@ def prepare_data(c, log=print) -> tuple[Path, Path]:
     want = _synthetic_params(c)
     if (root / synthetic.INFO_FILE).exists():
         info = synthetic.read_info(root)
-        have = {k: info.get(k, "shared" if k == "fact_values" else None) for k in want}
+        have = {**{k: info.get(k) for k in want}, "fact_values": synthetic.fact_values_of(info)}
         if have != want or info.get("version") != synthetic.GENERATOR_VERSION:
             raise ValueError(f"{root} holds a synthetic benchmark made with {have} (version {info.get('version')}), "
                              f"not the config's {want} (version {synthetic.GENERATOR_VERSION})")

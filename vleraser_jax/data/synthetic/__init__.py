@@ -57,13 +57,13 @@ from .tasks import TASK_KINDS, task_rows
 from .tokenizer import (FAMILIES, corpus_texts, train_qwen2_vl_tokenizer, train_synthetic_tokenizer,
                         train_tokenizer)
 from .writer import (BASE_KINDS, BASE_SET, GENERATOR_VERSION, INFO_FILE, SPLIT_RATIOS, base_set_features,
-                     fact_pools, load_base_set, read_info, synthesize)
+                     fact_pools, fact_values_of, load_base_set, read_info, synthesize)
 
 __all__ = [
     "ANSWERS", "BASE_KINDS", "BASE_SET", "CLOZES", "EVAL", "FACT_KEYS", "FACT_POOLS", "FACT_VALUE_MODES", "FAMILIES",
     "GENERATOR_VERSION", "INFO_FILE", "N_OPEN_ITEMS", "QUESTIONS", "SPLIT_RATIOS", "TASK_KINDS", "TEST", "TRAIN",
     "VISUAL_SUBJECT", "Look", "Person", "Pose", "answer_sentence", "base_set_features", "cloze_sentence",
-    "corpus_texts", "describe_look", "fact_pools", "load_base_set", "person_from_profile", "question", "read_info",
-    "render_portrait", "synthesize", "task_rows", "train_qwen2_vl_tokenizer", "train_synthetic_tokenizer",
-    "train_tokenizer",
+    "corpus_texts", "describe_look", "fact_pools", "fact_values_of", "load_base_set", "person_from_profile",
+    "question", "read_info", "render_portrait", "synthesize", "task_rows", "train_qwen2_vl_tokenizer",
+    "train_synthetic_tokenizer", "train_tokenizer",
 ]

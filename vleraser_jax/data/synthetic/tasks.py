@@ -39,7 +39,7 @@ def _choice_item(person: Person, key: str, visual: bool, variant: int, names: Se
 
 
 def _tasks(person: Person, names: Sequence[str], variant: int, rng: random.Random, deal: _LetterDealer,
-           pools: Mapping[str, Sequence[str]] = FACT_POOLS) -> dict[str, Any]:
+           pools: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Classification_Task, Generation_Task and Mask_Task of one person, in wording `variant`."""
     visual_keys = ("Name", *FACT_KEYS)
     mc_visual = [_choice_item(person, k, True, variant, names, rng, deal, pools) for k in visual_keys]

@@ -312,13 +312,18 @@ def read_info(root: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def fact_values_of(info: dict[str, Any]) -> str:
+    """The `fact_values` mode recorded in a `read_info` dict; benchmarks written before the field are "shared"."""
+    return info.get("fact_values", "shared")
+
+
 def fact_pools(root: str | os.PathLike, purpose: str = "training") -> dict[str, tuple[str, ...]]:
     """{fact: the values multiple-choice distractors are drawn from} of the benchmark at `root`, for "training"
     rows or "evaluation" items (the same pools unless its facts are unique)."""
     if purpose not in ("training", "evaluation"):
         raise ValueError(f"purpose={purpose!r}; expected 'training' or 'evaluation'")
     info = read_info(root)
-    if info.get("fact_values", "shared") == "shared":  # benchmarks written before the field are "shared"
+    if fact_values_of(info) == "shared":
         return dict(FACT_POOLS)
     return {k: tuple(v) for k, v in info["fact_pools"][purpose].items()}
 
