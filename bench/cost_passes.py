@@ -30,17 +30,20 @@ SHARES = {"statistics": ("vacuum_seconds", "mask_seconds", "data_seconds"),
           "deletion": ("delete_seconds", "merge_seconds")}
 
 
-def passes_of(c, method: str, forget_rows: int) -> float:
-    """Passes over D_f the config's setting of `method` makes."""
+def passes_of(c, method: str, forget_rows: int, retain_rows: int = 0) -> float:
+    """Passes over D_f the config's setting of `method` makes (a baseline counted in steps: its forget steps over
+    D_f's batches per epoch; retain_rows matters only to MMUnlearner's interleaving)."""
     from vleraser_jax.experiment.methods import METHODS, baseline_method_config, method_config
+    from vleraser_jax.unlearn.baselines import batches_per_epoch, run_plan
 
     if method in METHODS:
         _, _, run = method_config(c, method)
         return run.steps * run.batch_size / forget_rows
-    _, settings, _ = baseline_method_config(c, method)
-    if settings.epochs is None:
-        raise ValueError(f"{method}: a step-count setting (epochs=None) has no pass count; give it epochs")
-    return float(settings.epochs)
+    _, settings, run = baseline_method_config(c, method)
+    if settings.epochs is not None:
+        return float(settings.epochs)
+    forget_steps = int((run_plan(settings, run, forget_rows, retain_rows)[:, 0] >= 0).sum())
+    return forget_steps / batches_per_epoch(forget_rows, run.batch_size)
 
 
 def setting_for_passes(c, method: str, passes: float, forget_rows: int) -> dict:
@@ -124,12 +127,13 @@ def run(c, methods, passes: float, rounds: int, log=print) -> dict:
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
     model, params, processor, bench = load_stages(c, log)
-    forget_rows = len(bench.forget_train)
+    forget_rows, retain_rows = len(bench.forget_train), len(bench.retain_train)
     plan = []
     for method in methods:
-        plan.append((method, "chosen", {}, passes_of(c, method, forget_rows)))
+        plan.append((method, "chosen", {}, passes_of(c, method, forget_rows, retain_rows)))
         equal = setting_for_passes(c, method, passes, forget_rows)
-        plan.append((method, "equal", equal, passes_of(with_method_settings(c, method, equal), method, forget_rows)))
+        plan.append((method, "equal", equal, passes_of(with_method_settings(c, method, equal), method, forget_rows,
+                                                       retain_rows)))
     log(f"cost bench: {len(plan)} runs × {rounds} rounds ({', '.join(methods)}; chosen settings and {passes:g} "
         f"pass(es) over the {forget_rows} forget rows); unlearning only, no evaluation")
     records = []

@@ -145,11 +145,13 @@ def get_config():
     c.vl_eraser_paper.learning_rate = 1e-3
 
     c.baselines = ml_collections.ConfigDict()
-    # optimizer basics other than lr and epochs: the MLLMU-Bench reference values (batch 4, no warmup)
-    # lr and epochs: each baseline's selection (selection/<name>.json, 12 settings each, none on reported people)
-    for name, lr, epochs in (("ga", 3e-4, 3.0), ("gd", 3e-4, 3.0), ("kl", 1e-4, 1.0), ("npo", 1e-3, 1.0),
-                             ("mmunlearner", 1e-4, 1.0)):
-        c.baselines[name] = ml_collections.ConfigDict({"learning_rate": lr, "epochs": epochs})
+    # optimizer basics other than lr and the length: the MLLMU-Bench reference values (batch 4, no warmup)
+    # lr and epochs: each baseline's selection (selection/<name>.json, 12 settings each, none on reported people),
+    # run at the optimizer steps the chosen epochs took on the 10 validation people (`sweep.run_setting`): the same
+    # epochs over 15 forget people are 1.5x the steps, past the utility the selection validated (README "Selection")
+    for name, lr, epochs, steps in (("ga", 3e-4, 3.0, 114), ("gd", 3e-4, 3.0, 114), ("kl", 1e-4, 1.0, 38),
+                                    ("npo", 1e-3, 1.0, 38), ("mmunlearner", 1e-4, 1.0, 320)):
+        c.baselines[name] = ml_collections.ConfigDict({"learning_rate": lr, "epochs": None, "steps": steps})
 
     # The selection protocol (`vleraser sweep --config ... --method M`): `budget` settings per method from its
     # grid; eligible when retain and real utility stay within `tolerance` of Vanilla; chosen: closest to the

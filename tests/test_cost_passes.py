@@ -20,8 +20,12 @@ def test_passes_follow_the_settings(config):
     c = with_method_settings(config, "vl_eraser", {"steps": 30, "batch_size": 8})
     assert cp.passes_of(c, "vl_eraser", 120) == pytest.approx(30 * 8 / 120)
     assert cp.passes_of(with_method_settings(config, "gd", {"epochs": 2.5}), "gd", 120) == 2.5
-    with pytest.raises(ValueError, match="epochs"):
-        cp.passes_of(with_method_settings(config, "ga", {"epochs": None}), "ga", 120)
+    # counted in steps: forget steps over D_f's batches (batch 4: 30 per epoch of 120 rows)
+    assert cp.passes_of(with_method_settings(config, "ga", {"epochs": None, "steps": 45}), "ga", 120) == 1.5
+    assert cp.passes_of(with_method_settings(config, "npo", {"epochs": None, "steps": 60}), "npo", 120, 400) == 2.0
+    # MMUnlearner interleaves one forget step per 100 // 30 = 3 retain steps: 40 steps hold 10 forget ones
+    mm = with_method_settings(config, "mmunlearner", {"epochs": None, "steps": 40})
+    assert cp.passes_of(mm, "mmunlearner", 120, 400) == pytest.approx(10 / 30)
 
 
 @pytest.mark.parametrize("method", ["vl_eraser", "vl_eraser_paper", "ga", "npo", "mmunlearner"])

@@ -119,3 +119,63 @@ def test_each_shipped_tiny_config_runs_its_committed_selection(backbone):
     assert len(selections) == 7
     mismatches = {m: config_mismatch(c, m, sel) for m, sel in selections.items()}
     assert all(text == "" for text in mismatches.values()), mismatches
+
+
+def test_a_setting_travels_as_the_optimizer_steps_it_ran_on_the_validation_people():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.experiment.methods import baseline_method_config, with_method_settings
+    from vleraser_jax.unlearn.baselines import run_plan
+
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_llava.py")
+    validation = SimpleNamespace(forget_train=[None] * 150, retain_train=[None] * 1125)  # 10 people, batch 4
+    setting = {"learning_rate": 3e-4, "epochs": 3.0}
+    moved = sweep.run_setting(c, "ga", setting, validation)
+    assert moved == {"learning_rate": 3e-4, "epochs": None, "steps": 3 * 38}  # 38 batches of 150 rows, 3 times
+
+    def steps_on(s, forget_rows, retain_rows):
+        _, cfg, run = baseline_method_config(with_method_settings(c, "ga", s), "ga")
+        return len(run_plan(cfg, run, forget_rows, retain_rows))
+
+    assert steps_on(setting, 225, 1275) == 3 * 57  # the same epochs over 15 people: 1.5x the steps
+    assert steps_on(moved, 225, 1275) == steps_on(moved, 150, 1125) == 114
+    # MMUnlearner's interleaving reads the retain rows too: 282 retain steps with 38 forget steps among them
+    assert sweep.run_setting(c, "mmunlearner", {"epochs": 1.0}, validation)["steps"] == 282 + 38
+    vle = {"deletion_strength": 1.0, "threshold": 0.99}
+    assert sweep.run_setting(c, "vl_eraser", vle, validation) == vle  # VL-Eraser counts steps already
+    assert sweep.optimizer_steps(c, "vl_eraser", vle, validation) == c.vl_eraser.steps
+
+
+def test_restating_a_stored_selection_adds_run_settings_and_keeps_the_choice(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from vleraser_jax.config import load_config
+    from vleraser_jax.eval.report_selection import method_table
+    from vleraser_jax.experiment.runner import config_mismatch, selection_dir
+
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_llava.py",
+                    [f"--config.work_dir={tmp_path}", "--config.name=restate"])
+    validation = SimpleNamespace(forget_train=[None] * 150, retain_train=[None] * 1125)
+    monkeypatch.setattr(sweep, "prepare_data", lambda c, log: None)
+    monkeypatch.setattr(sweep.mllmu, "load_benchmark", lambda root, ratio: "benchmark")
+    monkeypatch.setattr(sweep, "validation_benchmark", lambda bench, people, seed: validation)
+    rows = [{"setting": {"learning_rate": lr, "epochs": 1.0}, "distance": d, "drops": {"retain": 0.0, "real": 0.0},
+             "worst_drop": 0.0, "eligible": True} for lr, d in ((1e-4, 0.5), (1e-3, 0.3))]
+    stored = {"method": "npo", "budget": 2, "tolerance": 0.05, "validation_people": 10, "retain_people": 40,
+              "references": {"oracle": {"vanilla_distance": 0.6}}, "rows": rows, **sweep.choose(rows)}
+    with pytest.raises(FileNotFoundError, match="npo"):
+        sweep.restate_selection(c, "npo", log=lambda *_: None)
+    selection_dir(c).mkdir(parents=True)
+    (selection_dir(c) / "npo.json").write_text(json.dumps(stored))
+    out = sweep.restate_selection(c, "npo", log=lambda *_: None)
+    assert out["chosen"] == 1 and json.loads((selection_dir(c) / "npo.json").read_text()) == out
+    assert [r["run_setting"] for r in out["rows"]] == [{"learning_rate": lr, "epochs": None, "steps": 38}
+                                                       for lr in (1e-4, 1e-3)]
+    # the shipped config runs NPO at lr 1e-3 and 38 steps: the restated choice, not the epoch setting
+    assert config_mismatch(c, "npo", out) == ""
+    assert "epochs" in config_mismatch(c, "npo", stored)
+    assert "reported run applies it as `learning_rate=0.001, steps=38`" in "\n".join(method_table("NPO", out))

@@ -209,12 +209,15 @@ def cmd_sweep(args) -> int:
     from .eval.report_selection import write_selection_report
     from .experiment.methods import method_title
     from .experiment.runner import load_selections, selection_dir
-    from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, run_sweep
+    from .experiment.sweep import DEFAULT_BUDGET, DEFAULT_TOLERANCE, restate_selection, run_sweep
 
     c = pipeline_config(args.config, args.overrides)
     selection = c.get("selection") or {}
     budget = args.budget or selection.get("budget", DEFAULT_BUDGET)
     for method in args.method:
+        if args.restate:
+            restate_selection(c, method)
+            continue
         if args.grid:
             grid = {}
             for item in args.grid:
@@ -413,6 +416,9 @@ def _pipeline_commands(sub) -> None:
     p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
     p.add_argument("--grid", nargs="+", help="e.g. lambda_=0.3,0.5 rank=4,8 (default: selection.grids.<method>)")
     p.add_argument("--budget", type=int, default=0, help="settings per method (default: selection.budget, 12)")
+    p.add_argument("--restate", action="store_true",
+                   help="run nothing: rewrite each method's stored selection (this work dir's, else results/) with "
+                        "the setting its reported run applies (a baseline at its validation optimizer steps)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("vacuum-study", help="how much forget answer-key energy lies outside the retain keys' span, "

@@ -27,7 +27,8 @@ def method_table(name: str, sel: Mapping[str, Any]) -> list[str]:
              f"retain scored on {sel['retain_people']} people; eligible: retain and real within "
              f"{100 * sel['tolerance']:.0f} points of Vanilla. Vanilla's distance to the Oracle: "
              f"{refs['oracle']['vanilla_distance']:.3f}. **{sel['reason']}**"
-             + (f": `{_setting(sel['rows'][sel['chosen']]['setting'])}`." if sel["chosen"] is not None else "."), "",
+             + (f": `{_setting(sel['rows'][sel['chosen']]['setting'])}`." if sel["chosen"] is not None else ".")
+             + _reported_as(sel), "",
              "| setting | distance to Oracle | retain drop (pts) | real drop (pts) | eligible | frontier |",
              "|---|---|---|---|---|---|"]
     front = set(sel["frontier"])
@@ -37,6 +38,18 @@ def method_table(name: str, sel: Mapping[str, Any]) -> list[str]:
                      f"{_pct(row['drops'].get('retain', float('nan')))} | {_pct(row['drops'].get('real', float('nan')))} | "
                      f"{'yes' if row['eligible'] else 'no'} | {'yes' if i in front else ''} |")
     return lines + [""]
+
+
+def _reported_as(sel: Mapping[str, Any]) -> str:
+    """" The reported run applies it as `k=v`." where the chosen row's run setting differs from its setting."""
+    if sel["chosen"] is None:
+        return ""
+    row = sel["rows"][sel["chosen"]]
+    run = row.get("run_setting")
+    if run is None or run == row["setting"]:
+        return ""
+    return (f" The reported run applies it as `{_setting({k: v for k, v in run.items() if v is not None})}` (the "
+            "optimizer steps it ran on the validation people).")
 
 
 def plot_selection(selections: Mapping[str, Mapping[str, Any]], path: Path) -> None:
@@ -75,7 +88,8 @@ def write_selection_report(out_dir, selections: Mapping[str, Mapping[str, Any]],
     lines = ["# Selection on validation people", "",
              "Every method gets the same number of settings, scored on retain people the Oracle was retrained without "
              "(never the reported forget people). Distance = mean |forget score − Oracle's| over cloze and option-"
-             "likelihood accuracy, both modes; utility = mean of the same metrics on retain / real.", "",
+             "likelihood accuracy, both modes; utility = mean of the same metrics on retain / real. A chosen setting "
+             "runs on the reported forget people at the optimizer steps it ran here.", "",
              "![selection](selection.png)", ""]
     for method, sel in selections.items():
         lines += method_table(titles.get(method, method), sel)

@@ -201,10 +201,12 @@ def selection_summary(c, methods: Sequence[str]) -> str:
 
 
 def config_mismatch(c, method: str, sel: dict) -> str:
-    """", but the config runs k=v (selected v')" where the config does not run the stored choice; else ""."""
+    """", but the config runs k=v (selected v')" where the config does not run the stored choice as the reported
+    run applies it (its `run_setting`: a baseline at the optimizer steps it ran on the validation people); else ""."""
     if sel.get("chosen") is None:
         return ""
-    chosen, running = sel["rows"][sel["chosen"]]["setting"], effective_settings(c, method)
+    row = sel["rows"][sel["chosen"]]
+    chosen, running = row.get("run_setting", row["setting"]), effective_settings(c, method)
     differ = [f"{k}={running.get(k)} (selected {v})" for k, v in sorted(chosen.items()) if running.get(k) != v]
     return f", but the config runs {', '.join(differ)}" if differ else ""
 

@@ -7,6 +7,10 @@ within `tolerance` of Vanilla's on the same people. Chosen: the eligible setting
 closest to the Oracle's (mean absolute difference over metrics and modes: the oracle never saw these people,
 so it is what "forgotten" looks like). When nothing is eligible the result says so, names no choice, and
 keeps the forget–utility frontier (the settings no other setting beats on both distance and utility loss).
+
+A setting travels to the reported run as the optimizer steps it ran here (`run_setting`): a baseline's epochs
+over 10 validation people are 1.5× the steps over 15 forget people, and that extra dose is where a validated
+setting fell off the utility cliff (README "Selection").
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from ..eval.evaluate import evaluate
 from ..io import write_bytes_atomic
 from ..processing import load_processor
 from ..train.stages import run_stage
-from ..train.workspace import data_root, oracle_enabled
-from .methods import eval_config, run_method, with_method_settings
-from .runner import load_vanilla, selection_dir
+from ..train.workspace import data_root, oracle_enabled, prepare_data
+from ..unlearn.baselines import run_plan
+from .methods import METHODS, baseline_method_config, eval_config, method_config, run_method, with_method_settings
+from .runner import committed_selection_dir, load_vanilla, selection_dir
 
 SELECTION_METRICS = ("cloze", "option_acc")
 UTILITY_SETS = ("retain", "real")
@@ -144,6 +149,28 @@ def prepare_validation(c, validation_people: int, max_people: int, log=print) ->
     return Validation(model, params, processor, bench, ecfg, stored["vanilla"], stored["oracle"], key)
 
 
+def optimizer_steps(c, method: str, setting: dict, bench: mllmu.Benchmark) -> int:
+    """How many optimizer steps `method` at `setting` runs on `bench`'s forget (and retain) training rows."""
+    cs = with_method_settings(c, method, setting)
+    if method in METHODS:  # VL-Eraser counts steps already
+        return int(method_config(cs, method)[2].steps)
+    _, cfg, run = baseline_method_config(cs, method)
+    return len(run_plan(cfg, run, len(bench.forget_train), len(bench.retain_train)))
+
+
+def run_setting(c, method: str, setting: dict, bench: mllmu.Benchmark) -> dict:
+    """`setting` as the reported run applies it: a baseline at the optimizer steps it ran on the validation
+    people (`bench`), its epochs dropped; a VL-Eraser variant's settings unchanged (they count steps)."""
+    if method in METHODS:
+        return dict(setting)
+    return {**setting, "epochs": None, "steps": optimizer_steps(c, method, setting, bench)}
+
+
+def with_run_settings(c, method: str, rows: list[dict], bench: mllmu.Benchmark) -> list[dict]:
+    """The rows, each with its `run_setting` on the validation split `bench`."""
+    return [{**row, "run_setting": run_setting(c, method, row["setting"], bench)} for row in rows]
+
+
 def score_setting(val: Validation, results: dict, tolerance: float) -> dict:
     drops = utility_drops(results, val.vanilla)
     worst = max(drops.values()) if drops else float("nan")
@@ -185,12 +212,37 @@ def run_sweep(c, grid: dict[str, list], *, method: str = "vl_eraser", budget: in
                           "oracle": {"forget": set_scores(val.oracle, "forget"),
                                      "distance": distance_to(val.oracle, val.oracle),
                                      "vanilla_distance": distance_to(val.vanilla, val.oracle)}},
-           "rows": rows, **choose(rows), "key": val.key}
+           "rows": with_run_settings(c, method, rows, val.bench), **choose(rows), "key": val.key}
+    write_selection(c, method, out, log)
+    return out
+
+
+def write_selection(c, method: str, out: dict, log=print) -> None:
+    """<report>/selection/<method>.json, then one line: the choice and the setting the reported run uses."""
     path = selection_dir(c) / f"{method}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(out, indent=1).encode())
-    log(f"{method}: {out['reason']}" + (f": {format_setting(rows[out['chosen']]['setting'])}"
-                                         if out["chosen"] is not None else ""))
+    chosen = out["rows"][out["chosen"]] if out["chosen"] is not None else None
+    log(f"{method}: {out['reason']}" + (f": {format_setting(chosen['setting'])}; the reported run uses "
+                                         f"{format_setting(chosen['run_setting'])}" if chosen else ""))
+
+
+def restate_selection(c, method: str, log=print) -> dict:
+    """A stored selection (this work dir's, else the committed one) rewritten with each row's `run_setting`,
+    without running any setting: for selections made before run settings were recorded. Needs only the data."""
+    path = selection_dir(c) / f"{method}.json"
+    committed = committed_selection_dir(c)
+    if not path.exists() and committed is not None:
+        path = committed / f"{method}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{method}: no stored selection at {selection_dir(c)} or in results/ to restate")
+    stored = json.loads(path.read_text())
+    prepare_data(c, log)
+    bench = validation_benchmark(mllmu.load_benchmark(data_root(c), c.data.forget_ratio), stored["validation_people"],
+                                 c.seed)
+    out = {**stored, "rows": with_run_settings(c, method, stored["rows"], bench)}
+    log(f"{method}: restating {path} ({len(out['rows'])} settings, choice unchanged)")
+    write_selection(c, method, out, log)
     return out
 
 

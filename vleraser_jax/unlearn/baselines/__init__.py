@@ -43,13 +43,13 @@ from .config import (BASELINES, FISHER_SETS, KL_TOKENS, METHOD_NAMES, MLLMU_VARI
 from .losses import baseline_loss_fn, kl_to_reference, kl_token_mask, npo_loss
 from .mmunlearner import (apply_mask, clip_then_mask, fisher_diagonals, fisher_rows, mask_report, saliency_mask,
                           select_modules)
-from .runner import mmunlearner_mask, prepare, unlearn_baseline
+from .runner import mmunlearner_mask, prepare, run_plan, unlearn_baseline
 from .schedules import PairedSchedule, batches_per_epoch, step_plan
 
 __all__ = [
     "BASELINES", "FISHER_SETS", "KL_TOKENS", "METHOD_NAMES", "MLLMU_VARIANTS", "NPO_NLL", "ORDERS", "REFERENCE_RUN",
     "BaselineConfig", "PairedSchedule", "apply_mask", "baseline_config", "baseline_loss_fn", "batches_per_epoch",
     "clip_then_mask", "fisher_diagonals", "fisher_rows", "kl_to_reference", "kl_token_mask", "mask_report",
-    "mmunlearner_mask", "npo_loss", "prepare", "reference_run_settings", "saliency_mask", "select_modules",
+    "mmunlearner_mask", "npo_loss", "prepare", "reference_run_settings", "run_plan", "saliency_mask", "select_modules",
     "step_plan", "unlearn_baseline",
 ]

@@ -43,14 +43,20 @@ def prepare(model, params, cfg: BaselineConfig, rng=None, ref_params=None, mask=
     return adapter, trainable, frozen
 
 
+def run_plan(cfg: BaselineConfig, run: tr.RunSettings, forget_rows: int, retain_rows: int):
+    """The step plan (`step_plan`) of a baseline run on that many forget / retain training rows."""
+    needs_retain = cfg.order != "forget"
+    return step_plan(cfg.order, batches_per_epoch(forget_rows, run.batch_size),
+                     batches_per_epoch(retain_rows, run.batch_size) if needs_retain else 0,
+                     epochs=cfg.epochs, steps=run.steps)
+
+
 def _training_data(processor, f_rows, r_rows, cfg: BaselineConfig, run: tr.RunSettings):
     """(forget data, retain data or None, the step plan, the batch function) of one baseline run."""
     needs_retain = cfg.order != "forget"
     f_data = tokenize(processor, [qa_example(processor, r) for r in f_rows], run.max_length)
     r_data = tokenize(processor, [qa_example(processor, r) for r in r_rows], run.max_length) if needs_retain else None
-    plan = step_plan(cfg.order, batches_per_epoch(len(f_rows), run.batch_size),
-                     batches_per_epoch(len(r_rows), run.batch_size) if needs_retain else 0,
-                     epochs=cfg.epochs, steps=run.steps)
+    plan = run_plan(cfg, run, len(f_rows), len(r_rows))
     n_f, n_r = int((plan[:, 0] >= 0).sum()), int((plan[:, 1] >= 0).sum())
     f_sched = BatchSchedule([(f_data, 1.0)], run.batch_size, n_f, run.seed, cfg.length_buckets) if n_f else None
     r_sched = BatchSchedule([(r_data, 1.0)], run.batch_size, n_r, run.seed + 1, cfg.length_buckets) if n_r else None
