@@ -149,9 +149,11 @@ def get_config():
     # lr and epochs: each baseline's selection (selection/<name>.json, 12 settings each, none on reported people),
     # run at the optimizer steps the chosen epochs took on the 10 validation people (`sweep.run_setting`): the same
     # epochs over 15 forget people are 1.5x the steps, past the utility the selection validated (README "Selection")
+    # (MMUnlearner keeps epochs: its interleaved plan is laid out from both sets' sizes)
     for name, lr, epochs, steps in (("ga", 3e-4, 3.0, 114), ("gd", 3e-4, 3.0, 114), ("kl", 1e-4, 1.0, 38),
-                                    ("npo", 1e-3, 1.0, 38), ("mmunlearner", 1e-4, 1.0, 320)):
+                                    ("npo", 1e-3, 1.0, 38)):
         c.baselines[name] = ml_collections.ConfigDict({"learning_rate": lr, "epochs": None, "steps": steps})
+    c.baselines.mmunlearner = ml_collections.ConfigDict({"learning_rate": 1e-4, "epochs": 1.0})
 
     # The selection protocol (`vleraser sweep --config ... --method M`): `budget` settings per method from its
     # grid; eligible when retain and real utility stay within `tolerance` of Vanilla; chosen: closest to the
