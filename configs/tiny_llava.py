@@ -148,7 +148,8 @@ def get_config():
     # optimizer basics other than lr and the length: the MLLMU-Bench reference values (batch 4, no warmup)
     # lr and epochs: each baseline's selection (selection/<name>.json, 12 settings each, none on reported people),
     # run at the optimizer steps the chosen epochs took on the 10 validation people (`sweep.run_setting`): the same
-    # epochs over 15 forget people are 1.5x the steps, past the utility the selection validated (README "Selection")
+    # epochs over 15 forget people are 1.5x the steps, past the utility the selection validated (README "How every
+    # method's settings were chosen")
     # (MMUnlearner keeps epochs: its interleaved plan is laid out from both sets' sizes)
     for name, lr, epochs, steps in (("ga", 3e-4, 3.0, 114), ("gd", 3e-4, 3.0, 114), ("kl", 1e-4, 1.0, 38),
                                     ("npo", 1e-3, 1.0, 38)):

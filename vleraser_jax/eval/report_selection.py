@@ -88,8 +88,9 @@ def write_selection_report(out_dir, selections: Mapping[str, Mapping[str, Any]],
     lines = ["# Selection on validation people", "",
              "Every method gets the same number of settings, scored on retain people the Oracle was retrained without "
              "(never the reported forget people). Distance = mean |forget score − Oracle's| over cloze and option-"
-             "likelihood accuracy, both modes; utility = mean of the same metrics on retain / real. A chosen setting "
-             "runs on the reported forget people at the optimizer steps it ran here.", "",
+             "likelihood accuracy, both modes; utility = mean of the same metrics on retain / real. A chosen GA, GD, "
+             "KL or NPO setting runs on the reported forget people at the optimizer steps it ran here (each method's "
+             "line says so where that differs from its setting).", "",
              "![selection](selection.png)", ""]
     for method, sel in selections.items():
         lines += method_table(titles.get(method, method), sel)
