@@ -8,13 +8,13 @@ from typing import Sequence
 
 from ..train.workspace import STAGES, oracle_enabled, stage_dir
 
-# Seconds per training step of the tiny configs (batch 16, 2 CPU cores: the stage jsons of the committed
-# tiny_llava stages), and per evaluated model / method run / method's diagnostics (the cached demo of
-# 2026-12-02, 1089 s); only the up-front estimate uses them.
-SECONDS_PER_STEP = {"base": 0.36, "oracle": 0.18, "vanilla": 0.18}
-SECONDS_PER_EVALUATION = 25.0
-SECONDS_PER_METHOD = 32.0
-SECONDS_PER_DIAGNOSTICS = 43.0
+# Seconds per training step of the tiny configs (batch 16, 2 idle CPU cores), and per evaluated model / method
+# run / method's diagnostics: the fresh-clone demo of 2026-12-03 (1474 s: base 396, oracle 350, vanilla 144 s;
+# methods 11-44 s, evaluations 11-16 s, diagnostics 15-31 s). Only the up-front estimate uses them.
+SECONDS_PER_STEP = {"base": 0.13, "oracle": 0.12, "vanilla": 0.12}
+SECONDS_PER_EVALUATION = 14.0
+SECONDS_PER_METHOD = 23.0
+SECONDS_PER_DIAGNOSTICS = 19.0
 
 
 def stage_plan(c) -> list[tuple[str, str, int | None]]:
