@@ -61,7 +61,7 @@ def summarize(runs: list[dict], steps: int) -> list[dict]:
                         for a, b in zip(r["records"], base[r["round"]]["records"])), default=float("nan"))
         rows.append({"devices": devices, "rounds": len(mine),
                      "examples_per_s": _median([throughput(r["records"], steps) for r in mine]),
-                     "ratio": _median(ratios) if ratios else float("nan"),
+                     "ratio": _median(ratios),
                      "ratio_min": min(ratios, default=float("nan")), "ratio_max": max(ratios, default=float("nan")),
                      "max_loss_gap": loss_gap, "final_loss": _median([r["records"][-1]["loss"] for r in mine])})
     return rows
