@@ -51,3 +51,34 @@ def test_timings_add_up_repeated_parts_in_order():
         with t.part("fails"):
             raise RuntimeError("boom")
     assert "fails" in t.parts  # a failed part still shows where its time went
+
+
+def test_concurrent_methods_shorten_only_the_methods_part_of_the_estimate(tmp_path):
+    c = load_config(CONFIG, [f"--config.work_dir={tmp_path}"])
+    for stage in ("base", "oracle", "vanilla"):
+        stage_dir(c, stage).mkdir(parents=True)
+        (stage_dir(c, stage) / "config.json").write_text("{}")
+    methods = ["vl_eraser", "npo", "ga", "gd"]
+    references = (2 + bool(c.eval.get("base_row", False))) * overview.SECONDS_PER_EVALUATION
+    per_method = overview.SECONDS_PER_METHOD + overview.SECONDS_PER_EVALUATION + overview.SECONDS_PER_DIAGNOSTICS
+    one = overview.describe_run(c, methods, None, workers=1)
+    two = overview.describe_run(c, methods, None, workers=2)
+    assert "at a time" not in one and "(2 at a time)" in two
+    assert _estimate_minutes(one) == pytest.approx((references + len(methods) * per_method) / 60, abs=0.5)
+    assert _estimate_minutes(two) == pytest.approx(
+        (references + len(methods) * per_method / overview.CONCURRENT_SPEEDUP) / 60, abs=0.5)
+
+
+def test_inner_parts_are_listed_under_their_part_and_not_added_to_the_total():
+    t = overview.Timings()
+    with t.part("base stage"):
+        pass
+    t.parts["base stage"] = 10.0
+    t.parts["2 methods on 2 worker processes"] = 30.0
+    t.add_inner("2 methods on 2 worker processes", "ga: unlearn", 20.0)
+    t.add_inner("2 methods on 2 worker processes", "npo: unlearn", 25.0)
+    lines = t.table().splitlines()
+    at = lines.index(next(l for l in lines if l.strip().startswith("2 methods")))
+    assert "overlapping" in lines[at + 1]
+    assert lines[at + 2].split()[:3] == ["ga:", "unlearn", "20.0"] and lines[at + 3].split()[1] == "unlearn"
+    assert lines[-1].split()[1] == "40.0"

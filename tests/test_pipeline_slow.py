@@ -6,6 +6,7 @@ Marked slow (XLA compiles dominate); CI runs it through `make test-slow`.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -43,6 +44,7 @@ def test_micro_pipeline_end_to_end(tmp_path, monkeypatch):
     for method in ("vl_eraser", "ga"):  # every LoRA run: its PEFT adapter and its training log
         assert (report_dir / "runs" / method / "adapter" / "adapter_model.safetensors").exists()
         assert (report_dir / "runs" / method / "train.jsonl").read_text().count("\n") >= 1
+    _same_report_on_two_worker_processes(c, report_dir, ["vl_eraser", "ga"])
     # the cached stages are reused, not retrained
     before = stage_dir(c, "vanilla").stat().st_mtime
     assert run_stage(c, "vanilla", log=lambda *_: None) == stage_dir(c, "vanilla")
@@ -71,6 +73,33 @@ def test_micro_pipeline_end_to_end(tmp_path, monkeypatch):
     # the same protocol for a baseline: learning rate 0 leaves the model as it was
     out = run_sweep(c, {"learning_rate": [0.0]}, method="ga", budget=1, log=lambda *_: None)
     assert out["rows"][0]["distance"] == pytest.approx(out["references"]["oracle"]["vanilla_distance"])
+
+
+def _without_timings(obj):
+    """A report with what measures time (and the run it was measured in) left out."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items()
+                if k not in ("cost", "timings_s", "seconds") and not k.endswith("_seconds")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def _same_report_on_two_worker_processes(c, report_dir, methods):
+    """The methods run again on 2 worker processes write the report one process wrote: the same numbers, the
+    same per-item scores, the methods in the same order; each method's output in its own log."""
+    single = json.loads((report_dir / "results.json").read_text())
+    items = {p.name: p.read_text() for p in report_dir.glob("items-*.jsonl")}
+    shutil.rmtree(report_dir)
+    assert run_experiment(c, methods, workers=2, log=lambda *_: None) == report_dir
+    pooled = json.loads((report_dir / "results.json").read_text())
+    assert list(pooled["methods"]) == list(single["methods"])
+    assert _without_timings(pooled) == _without_timings(single)
+    assert {p.name: p.read_text() for p in report_dir.glob("items-*.jsonl")} == items
+    for method in methods:
+        assert (report_dir / "runs" / method / "output.log").read_text().startswith(f"== {method} (worker process")
+    assert pooled["diagnostics"]["GA"]["cost"]["concurrent_workers"] == 2
+    assert not (report_dir / ".concurrent").exists()
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def cmd_unlearn(args) -> int:
     from .experiment.runner import run_experiment
 
     c = pipeline_config(args.config, args.overrides)
-    run_experiment(c, args.method)
+    run_experiment(c, args.method, workers=resolve_workers(c, args.workers))
     return 0
 
 
@@ -307,8 +307,9 @@ def cmd_demo(args) -> int:
     c = pipeline_config(config, overrides)
     start = time.perf_counter()
     print(f"demo: {c.name}, forget {c.data.forget_ratio}%, methods {', '.join(args.method)} (work dir {c.work_dir})")
-    print(describe_run(c, args.method, demo_diagnostics(args)), flush=True)
-    report = run_experiment(c, args.method, diagnostics=demo_diagnostics(args))
+    workers = resolve_workers(c, args.workers)
+    print(describe_run(c, args.method, demo_diagnostics(args), workers), flush=True)
+    report = run_experiment(c, args.method, diagnostics=demo_diagnostics(args), workers=workers)
     print(f"demo finished in {time.perf_counter() - start:.0f} s\n")
     print((report / "report.md").read_text())
     return 0
@@ -379,6 +380,22 @@ def _checkpoint_commands(sub) -> None:
     p.set_defaults(func=cmd_data_synth)
 
 
+def _workers_argument(p) -> None:
+    p.add_argument("--workers", default="auto",
+                   help="methods run on this many processes at once, each with its own output log (default auto: 2 "
+                        "on a CPU host with 2+ cores and no mesh, else 1); the report is the same either way")
+
+
+def resolve_workers(c, value: str) -> int:
+    from .experiment.method_pool import default_workers
+
+    if value == "auto":
+        return default_workers(c)
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"--workers {value!r}: expected a positive number or auto")
+    return int(value)
+
+
 def _pipeline_commands(sub) -> None:
     """train, demo, unlearn, sweep: a config's stages and experiments."""
     p = sub.add_parser("train", help="train (or reuse) the base, oracle or vanilla model of a config")
@@ -403,11 +420,13 @@ def _pipeline_commands(sub) -> None:
                           help="skip the projector/vision reload diagnostic and the quantization and relearning attacks")
     switches.add_argument("--diagnostics", nargs="+", choices=DIAGNOSTIC_KINDS,
                           help="run only these diagnostics (default: the config's diagnostics section, else all)")
+    _workers_argument(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("unlearn", help="unlearn the forget set from the config's vanilla model, evaluate, report")
     p.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=value")
     p.add_argument("--method", nargs="+", default=["vl_eraser"], choices=all_methods())
+    _workers_argument(p)
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("sweep", help="choose methods' settings on validation pseudo-forget people, the same budget "

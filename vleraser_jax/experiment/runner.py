@@ -17,7 +17,8 @@ from ..data.splits import load_holdout
 from ..eval.diagnostics import diagnostics_settings
 from ..eval.evaluate import evaluate
 from ..eval.membership import membership_inference
-from ..eval.report import load_diagnostics, load_items, load_results, load_unlearning, write_report
+from ..eval.report import (ReportError, items_file, load_diagnostics, load_items, load_results, load_unlearning,
+                           write_report)
 from ..eval.unlearning import minimum_detectable, unlearning_summary
 from ..parallel import sharder_for
 from ..processing import load_processor
@@ -25,7 +26,7 @@ from ..train.stages import run_stage
 from ..train.workspace import data_root, model_runtime, oracle_enabled, prepare_data, tensorboard_on
 from .artifacts import save_method_run
 from .diagnostics import run_diagnostics
-from .methods import effective_settings, eval_config, run_method, section
+from .methods import effective_settings, eval_config, method_title, run_method, section
 from .overview import Timings
 
 REFERENCES = ("Vanilla", "Oracle")
@@ -95,11 +96,9 @@ def run_stages(c, log=print, timings: Timings | None = None) -> tuple[Path, Path
     return vanilla_dir, (run_stage(c, "oracle", log=log) if oracle_enabled(c) else None)
 
 
-def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experiment:
-    """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
-    (cached in the report while the evaluation settings and the models stay the same)."""
-    timings = timings or Timings()
-    vanilla_dir, oracle_dir = run_stages(c, log, timings)
+def open_experiment(c, vanilla_dir, oracle_dir, log=print, timings: Timings | None = None) -> Experiment:
+    """The trained stages' experiment without its references: the vanilla model, the benchmark, the evaluation
+    settings and the report's meta."""
     model, params, _ = load_vanilla(c, vanilla_dir)
     processor = load_processor(vanilla_dir)
     root = data_root(c)
@@ -114,14 +113,39 @@ def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experime
             "protocol": f"letter rule {ecfg.letter_rule}, {ecfg.few_shot_people} few-shot people, at most "
                         f"{ecfg.max_people or 'all'} people per set (MLLMU-Bench eval.py: first_char, 2 for LLaVA, all)",
             "eval_key": key}
-    exp = Experiment(c, model, params, processor, bench, holdout, ecfg, report_dir_for(c), meta, timings=timings)
+    return Experiment(c, model, params, processor, bench, holdout, ecfg, report_dir_for(c), meta,
+                      timings=timings or Timings())
+
+
+def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experiment:
+    """Train (or reuse) the stages, load the vanilla model and the benchmark, and evaluate the references
+    (cached in the report while the evaluation settings and the models stay the same)."""
+    timings = timings or Timings()
+    vanilla_dir, oracle_dir = run_stages(c, log, timings)
+    exp = open_experiment(c, vanilla_dir, oracle_dir, log, timings)
     with timings.part("evaluate Vanilla and Oracle"):
-        _reference_scores(exp, {"Vanilla": lambda: params, "Oracle": (lambda: load_vanilla(c, oracle_dir)[1])
+        _reference_scores(exp, {"Vanilla": lambda: exp.vanilla, "Oracle": (lambda: load_vanilla(c, oracle_dir)[1])
                                 if oracle_dir else None}, log)
     if c.eval.get("base_row", False):  # what never having learned any fictitious person looks like
         with timings.part("evaluate Base"):
             _score_once(exp, "Base", lambda: load_vanilla(c, run_stage(c, "base", log=log))[1], log)
     return exp
+
+
+def attach_references(exp: Experiment) -> None:
+    """Read the references' results, per-item scores and membership from the report, as `_reference_scores`
+    left them (a worker process compares its method with them without evaluating them again)."""
+    stored, unlearning = load_results(exp.report_dir), load_unlearning(exp.report_dir)
+    for name in REFERENCES:
+        if name not in stored:
+            continue
+        items = load_items(exp.report_dir, name)
+        if items is None:
+            raise ReportError(f"{exp.report_dir}: {name} has results but no {items_file(name)}")
+        exp.references[name] = (stored[name], items)
+        membership = unlearning.get(name, {}).get("membership")
+        if membership:
+            exp.reference_membership[name] = membership
 
 
 def _score_once(exp: Experiment, name: str, load, log) -> None:
@@ -216,42 +240,61 @@ def _stored_meta(report_dir: Path) -> dict:
     return json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
 
 
-def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None, log=print) -> Path:
+def run_experiment(c, methods: Sequence[str], *, diagnostics: dict | None = None, workers: int = 1,
+                   log=print) -> Path:
     """References (cached) -> each method -> evaluation -> summaries -> diagnostics -> the shared report;
     returns its directory.
 
     diagnostics: settings over the config's `diagnostics` section (`eval.diagnostics.DIAGNOSTICS_DEFAULTS`
     when it has none), e.g. {"relearn": False}. Each method's wall time is always recorded (the cost table).
+    workers: methods run on this many processes at once (`method_pool`), each writing its own log; the report
+    holds the same numbers and the methods in the same order as with 1.
     """
     settings = diagnostics_settings(section(c, "diagnostics"), diagnostics)  # bad settings fail before any work
     tensorboard_on(c)  # fails early when TensorBoard logging is on without tensorboardX
     exp = prepare_experiment(c, log)
     exp.meta["settings"] = selection_summary(c, methods)
-    part = exp.timings.part
     done = load_diagnostics(exp.report_dir)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # "the same run" of the cost ratios
-    timings = {}
-    for method in methods:
-        log(f"== {method}")
-        t0 = time.perf_counter()
-        run_dir = exp.report_dir / "runs" / method
-        with part(f"{method}: unlearn"):
-            run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log, run_dir=run_dir)
-        wall = time.perf_counter() - t0
-        timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
-        # a baseline's total_seconds already sums its other parts: listing it would count them twice
-        cost = {"run": run_id, "wall_seconds": wall,
-                "parts": {k: v for k, v in timings[run.title].items() if k != "total_seconds"}}
-        with part(f"{method}: save, evaluate, compare"):
-            save_method_run(run_dir, run, exp.model.config, source_dir=exp.meta["vanilla"])
-            results, items, membership = exp.score(run.params)
-            write_report(exp.report_dir, run.title, results, {**exp.meta, "timings_s": timings},
-                         diagnostics={"cost": cost}, items=items,
-                         unlearning={run.title: exp.summary(results, items, membership)})
-        with part(f"{method}: diagnostics"):
-            run_diagnostics(c, method, run.title, settings, exp.model, exp.vanilla, run.params, exp.processor,
-                            exp.bench, exp.ecfg, results, exp.report_dir, done.get(run.title, {}),
-                            family=exp.model.config.model_type, log=log)
+    workers = min(workers, len(methods))
+    if workers > 1:
+        from .method_pool import run_methods_in_workers  # method_pool builds on this module
+
+        run_methods_in_workers(exp, methods, settings, done, run_id, workers, log)
+    else:
+        timings = {}
+        for method in methods:
+            log(f"== {method}")
+            run_one_method(exp, method, settings, done.get(method_title(c, method), {}), run_id, timings,
+                           exp.report_dir, log)
     log(exp.timings.table())
     log(f"report: {exp.report_dir / 'report.md'}")
     return exp.report_dir
+
+
+def run_one_method(exp: Experiment, method: str, settings: dict, done: dict, run_id: str, timings: dict,
+                   report_dir: Path, log=print, cost_extra: dict | None = None) -> str:
+    """Unlearn with one method, save its run, evaluate it, compare it with the references and run its diagnostics,
+    writing into the report at `report_dir` (the experiment's own, or a worker's scratch report). done: this
+    method's stored diagnostics (skipped when their keys match). timings: title -> parts of every method so far
+    (the report's meta), updated. Returns the method's title."""
+    c, part = exp.c, exp.timings.part
+    t0 = time.perf_counter()
+    run_dir = exp.report_dir / "runs" / method
+    with part(f"{method}: unlearn"):
+        run = run_method(c, method, exp.model, exp.vanilla, exp.processor, exp.bench, log=log, run_dir=run_dir)
+    wall = time.perf_counter() - t0
+    timings[run.title] = {k: v for k, v in run.info.items() if k.endswith("_seconds")}
+    # a baseline's total_seconds already sums its other parts: listing it would count them twice
+    cost = {"run": run_id, "wall_seconds": wall, **(cost_extra or {}),
+            "parts": {k: v for k, v in timings[run.title].items() if k != "total_seconds"}}
+    with part(f"{method}: save, evaluate, compare"):
+        save_method_run(run_dir, run, exp.model.config, source_dir=exp.meta["vanilla"])
+        results, items, membership = exp.score(run.params)
+        write_report(report_dir, run.title, results, {**exp.meta, "timings_s": timings},
+                     diagnostics={"cost": cost}, items=items,
+                     unlearning={run.title: exp.summary(results, items, membership)})
+    with part(f"{method}: diagnostics"):
+        run_diagnostics(c, method, run.title, settings, exp.model, exp.vanilla, run.params, exp.processor,
+                        exp.bench, exp.ecfg, results, report_dir, done, family=exp.model.config.model_type, log=log)
+    return run.title
