@@ -110,7 +110,7 @@ def format_table(rows: list[dict], forget_rows: int, forget_people: int, referen
 def load_stages(c, log):
     """The vanilla model, processor and benchmark of the config (stages trained first when not cached)."""
     from vleraser_jax.data import mllmu
-    from vleraser_jax.experiment.runner import load_vanilla, run_stages
+    from vleraser_jax.experiment.pipeline import load_vanilla, run_stages
     from vleraser_jax.processing import load_processor
     from vleraser_jax.train.workspace import data_root
 

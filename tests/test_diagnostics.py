@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -313,6 +314,10 @@ def test_report_renders_the_diagnostic_attack_and_cost_tables(tmp_path):
     assert "| Method | Wall time (s) | × NPO (same run) | Parts (s) |" in md
     assert "| GA | 20.0 | 2.00 | train 15.0 |" in md and "| NPO | 10.0 | 1.00 | – |" in md
     assert "| VL-Eraser | 9.0 | – | – |" in md
+    assert "at a time" not in md
+    files = write_report(tmp_path, "KL", results(0.3), diagnostics={"cost": {"run": "r1", "wall_seconds": 12.0,
+                                                                              "concurrent_workers": 2, "parts": {}}})
+    assert "ran 2 at a time on worker processes sharing the cores" in files["markdown"].read_text()
     # the at-a-glance summary: one row per method that ran a diagnostic, forget cloze values side by side
     assert "| Method | Forget Cloze acc %: unlearned | + vanilla projector | + vanilla vision | int8 | 4-bit | " \
            "Relearn A: before → after | Relearn B: before → after |" in md
@@ -352,14 +357,23 @@ def test_demo_flags_reach_run_experiment(monkeypatch, tmp_path):
         parse(["demo", "--no-diagnostics", "--diagnostics", "reload"])
     seen = {}
 
-    def fake_run_experiment(c, methods, *, diagnostics=None, log=print):
-        seen.update(methods=methods, diagnostics=diagnostics)
+    def fake_run_experiment(c, methods, *, diagnostics=None, workers=1, log=print):
+        seen.update(methods=methods, diagnostics=diagnostics, workers=workers)
         (tmp_path / "report.md").write_text("# report\n")
         return tmp_path
 
     monkeypatch.setattr(run, "run_experiment", fake_run_experiment)
-    assert cli.main(["demo", "--method", "npo", "--no-diagnostics", f"--config.work_dir={tmp_path}"]) == 0
-    assert seen == {"methods": ["npo"], "diagnostics": {k: False for k in dg.KINDS}}
+    assert cli.main(["demo", "--method", "npo", "--no-diagnostics", "--workers", "3",
+                     f"--config.work_dir={tmp_path}"]) == 0
+    assert seen == {"methods": ["npo"], "diagnostics": {k: False for k in dg.KINDS}, "workers": 3}
+    # auto: 2 on this CPU host when it has 2 cores, else 1
+    assert cli.main(["demo", "--method", "npo", f"--config.work_dir={tmp_path}"]) == 0
+    assert seen["workers"] == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
+    assert cli.main(["unlearn", "--config", "configs/tiny_llava.py", "--method", "npo", "--workers", "1",
+                     f"--config.work_dir={tmp_path}"]) == 0
+    assert seen["workers"] == 1
+    with pytest.raises(SystemExit, match="--workers 'two'"):
+        cli.main(["demo", "--workers", "two", f"--config.work_dir={tmp_path}"])
 
 
 # ------------------------------------------------------------------ smoke: run_experiment with diagnostics
@@ -367,7 +381,7 @@ def test_demo_flags_reach_run_experiment(monkeypatch, tmp_path):
 
 def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp_path, full_checkpoint, bench):
     from vleraser_jax.data import mllmu
-    from vleraser_jax.experiment import runner as run
+    from vleraser_jax.experiment import pipeline, runner as run
     from vleraser_jax.experiment.methods import MethodRun
 
     seen = {"vanilla": None, "evaluated": []}
@@ -384,11 +398,11 @@ def test_run_experiment_runs_caches_and_reports_the_diagnostics(monkeypatch, tmp
         seen["evaluated"].append((tuple(sets), params))
         return evaluate(model, params, processor, bench, ecfg, sets)
 
-    monkeypatch.setattr(run, "run_method", fake_run_method)
+    monkeypatch.setattr(pipeline, "run_method", fake_run_method)
     monkeypatch.setattr(dg, "_evaluate", spy)
-    monkeypatch.setattr(run, "run_stage", lambda c, stage, log=print: full_checkpoint)
-    monkeypatch.setattr(run, "data_root", lambda c: tmp_path / "data")
-    monkeypatch.setattr(run, "prepare_data", lambda c, log=print: (tmp_path / "data", full_checkpoint))
+    monkeypatch.setattr(pipeline, "run_stage", lambda c, stage, log=print: full_checkpoint)
+    monkeypatch.setattr(pipeline, "data_root", lambda c: tmp_path / "data")
+    monkeypatch.setattr(pipeline, "prepare_data", lambda c, log=print: (tmp_path / "data", full_checkpoint))
     monkeypatch.setattr(mllmu, "load_benchmark", lambda root, ratio: bench)
     c = ml_collections.ConfigDict({
         "name": "tiny", "seed": 0, "work_dir": str(tmp_path), "data": {"forget_ratio": 5},

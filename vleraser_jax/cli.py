@@ -239,7 +239,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_vacuum_study(args) -> int:
-    from .experiment.runner import report_dir_for
+    from .experiment.pipeline import report_dir_for
     from .experiment.vacuum_study import format_study, vacuum_energy_study
     from .experiment.width_study import vanilla_on_validation
     from .io import write_text_atomic
@@ -259,7 +259,7 @@ def cmd_vacuum_study(args) -> int:
 
 
 def _width_study(c, args) -> int:
-    from .experiment.runner import report_dir_for
+    from .experiment.pipeline import report_dir_for
     from .experiment.vacuum_study import format_study
     from .experiment.width_study import describe_width_study, format_width_study, plot_width_study, run_width_study
     from .io import write_text_atomic

@@ -112,6 +112,16 @@ def cost_ratios(diagnostics: Mapping, reference: str = COST_REFERENCE) -> dict[s
     return out
 
 
+def _concurrency_note(diagnostics: Mapping) -> str:
+    """Said under the cost table when its methods ran several at once: each shared the cores with another."""
+    workers = max((kinds["cost"].get("concurrent_workers", 1) for kinds in diagnostics.values() if "cost" in kinds),
+                  default=1)
+    if workers <= 1:
+        return ""
+    return (f" These methods ran {workers} at a time on worker processes sharing the cores, so each wall time "
+            f"includes waiting for the cores and the ratios are rougher; `bench/cost_passes.py` times methods alone.")
+
+
 def cost_table(diagnostics: Mapping, order: list[str], reference: str = COST_REFERENCE) -> str:
     ratios = cost_ratios(diagnostics, reference)
     header = ["Method", "Wall time (s)", f"× {reference} (same run)", "Parts (s)"]
@@ -182,6 +192,6 @@ def render_diagnostics(diagnostics: Mapping, order: list[str] | None = None) -> 
     if _with(diagnostics, "cost", order):
         parts += ["## Cost", "",
                   f"Wall time of each method's run (its statistics, training, deletion or merge, and export), and its "
-                  f"ratio to {COST_REFERENCE}'s when both ran in the same invocation.", "",
-                  cost_table(diagnostics, order), ""]
+                  f"ratio to {COST_REFERENCE}'s when both ran in the same invocation.{_concurrency_note(diagnostics)}",
+                  "", cost_table(diagnostics, order), ""]
     return "\n".join(parts).rstrip() + "\n"

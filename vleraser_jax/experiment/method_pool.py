@@ -24,7 +24,7 @@ from ..train.workspace import use_compilation_cache
 from .concurrent import run_in_workers
 from .methods import method_title
 from .overview import Timings
-from .runner import Experiment, attach_references, open_experiment, run_one_method
+from .pipeline import Experiment, attach_references, open_experiment, run_one_method
 
 _WORKER: dict = {}  # the worker process's experiment and what every task shares
 

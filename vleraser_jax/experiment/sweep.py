@@ -34,7 +34,8 @@ from ..train.stages import run_stage
 from ..train.workspace import data_root, oracle_enabled, prepare_data
 from ..unlearn.baselines import run_plan
 from .methods import METHODS, baseline_method_config, eval_config, method_config, run_method, with_method_settings
-from .runner import committed_selection_dir, load_vanilla, selection_dir
+from .pipeline import load_vanilla
+from .runner import committed_selection_dir, selection_dir
 
 SELECTION_METRICS = ("cloze", "option_acc")
 UTILITY_SETS = ("retain", "real")

@@ -27,7 +27,7 @@ from ..train.stages import run_stage
 from ..train.workspace import data_root
 from .methods import eval_config
 from .overview import stage_plan
-from .runner import load_vanilla
+from .pipeline import load_vanilla
 from .vacuum_study import StudyRow, vacuum_energy_study
 
 KNOWLEDGE_SETS = ("forget", "retain")
