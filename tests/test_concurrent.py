@@ -27,8 +27,9 @@ def test_results_come_back_in_task_order_from_several_processes():
 
 def test_a_failure_names_its_task_and_keeps_the_results_before_it():
     got = []
-    with pytest.raises(TaskFailed, match=r"^3 failed in its worker process: ValueError: three is not allowed"):
+    with pytest.raises(TaskFailed, match=r"^3 failed in its worker process: ValueError: three is not allowed") as e:
         run_in_workers([1, 2, 3, 4, 5, 6], 2, _slow_square, lambda task, result: got.append(task))
+    assert e.value.task == 3 and isinstance(e.value.__cause__, ValueError)
     assert got == [1, 2]  # 4 may have finished beside 3, but it comes after the failure; 5 and 6 never start
 
 

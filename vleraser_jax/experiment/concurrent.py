@@ -14,7 +14,11 @@ from typing import Any, Callable, Sequence
 
 
 class TaskFailed(RuntimeError):
-    """A task raised in its worker; the message names the task."""
+    """A task raised in its worker; the message names the task (`task`)."""
+
+    def __init__(self, message: str, task: Any = None):
+        super().__init__(message)
+        self.task = task
 
 
 def run_in_workers(tasks: Sequence[Any], workers: int, task_fn: Callable[[Any], Any],
@@ -60,5 +64,5 @@ def run_in_workers(tasks: Sequence[Any], workers: int, task_fn: Callable[[Any], 
                         break
     if failure is not None:
         index, error = failure
-        raise TaskFailed(f"{tasks[index]!r} failed in its worker process: {type(error).__name__}: {error}") \
-            from error
+        raise TaskFailed(f"{tasks[index]!r} failed in its worker process: {type(error).__name__}: {error}",
+                         tasks[index]) from error

@@ -21,7 +21,7 @@ import ml_collections
 
 from ..eval.report import load_diagnostics, load_items, load_results, load_unlearning, write_report
 from ..train.workspace import use_compilation_cache
-from .concurrent import run_in_workers
+from .concurrent import TaskFailed, run_in_workers
 from .methods import method_title
 from .overview import Timings
 from .pipeline import Experiment, attach_references, open_experiment, run_one_method
@@ -70,7 +70,12 @@ def run_methods_in_workers(exp: Experiment, methods, settings: dict, done: dict,
             f"{time.perf_counter() - counter['t0']:.0f} s since the methods started)")
 
     with exp.timings.part(wall):
-        run_in_workers(list(methods), workers, _method_task, merge, initializer=_open_worker, initargs=(payload,))
+        try:
+            run_in_workers(list(methods), workers, _method_task, merge, initializer=_open_worker,
+                           initargs=(payload,))
+        except TaskFailed as e:  # the traceback of a method is in its own log
+            where = f"; its output: {output_log(exp.report_dir, e.task)}" if e.task in methods else ""
+            raise TaskFailed(f"{e}{where} (the methods before it are in the report)", e.task) from e.__cause__
     shutil.rmtree(Path(exp.report_dir) / ".concurrent", ignore_errors=True)
 
 
