@@ -119,3 +119,31 @@ def test_replaced_mode_uses_only_the_lora_path(setup):
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(np.asarray(ref)).max())
     with pytest.raises(ValueError, match="lora_mode"):
         model.apply({"params": params, "lora": lora}, **inputs, lora_mode="sideways")
+
+
+def test_lora_backward_equals_autodiff_of_the_plain_formula():
+    """The LoRA product's written-out VJP (models.layers._low_rank) against jax.grad of the same einsums."""
+    from vleraser_jax.models import layers
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = jax.random.normal(keys[0], (2, 5, 12))
+    a, b = jax.random.normal(keys[1], (12, 3)), jax.random.normal(keys[2], (3, 7))
+    cotangent = jax.random.normal(keys[3], (2, 5, 7))
+    scale = jnp.asarray(0.7)
+
+    def plain(x, a, b, scale):
+        return jnp.einsum("...r,rd->...d", jnp.einsum("...f,fr->...r", x, a), b) * scale
+
+    want = jax.vjp(plain, x, a, b, scale)[1](cotangent)
+    got = jax.vjp(layers._low_rank, x, a, b, scale)[1](cotangent)
+    np.testing.assert_allclose(layers._low_rank(x, a, b, scale), plain(x, a, b, scale), rtol=1e-6)
+    for name, w, g in zip(("x", "a", "b", "scale"), want, got):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-5, err_msg=name)
+    # through lora_delta with a vacuum projector too, and under jit
+    projector = {"basis": jnp.linalg.qr(jax.random.normal(keys[0], (12, 4)))[0]}
+    lora = {"a": a, "b": b, "scale": scale}
+    f = jax.jit(jax.grad(lambda l: jnp.sum(layers.lora_delta(x, l, projector) * cotangent)))
+    x_p = layers.vacuum_project(x, projector)
+    np.testing.assert_allclose(f(lora)["a"], jax.grad(lambda a: jnp.sum(plain(x_p, a, b, scale) * cotangent))(a),
+                               rtol=2e-5, atol=1e-5)
