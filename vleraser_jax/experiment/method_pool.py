@@ -20,7 +20,7 @@ import jax
 import ml_collections
 
 from ..eval.report import load_diagnostics, load_items, load_results, load_unlearning, write_report
-from ..train.workspace import use_compilation_cache
+from ..train.workspace import oracle_enabled, use_compilation_cache
 from .concurrent import TaskFailed, run_in_workers
 from .methods import method_title
 from .overview import Timings
@@ -52,9 +52,8 @@ def run_methods_in_workers(exp: Experiment, methods, settings: dict, done: dict,
     """Run `methods` on `workers` processes and merge each into `exp.report_dir` in order (see the module)."""
     log(f"running {len(methods)} methods on {workers} worker processes at once; each method's output goes to "
         f"{output_log(exp.report_dir, '<method>')}")
-    payload = {"config": exp.c.to_json(), "meta": exp.meta, "report_dir": str(exp.report_dir),
-               "vanilla": exp.meta["vanilla"], "oracle": exp.meta["oracle"], "settings": settings, "done": done,
-               "run_id": run_id, "workers": workers}
+    payload = {"config": exp.c.to_json(), "meta": exp.meta, "settings": settings, "done": done, "run_id": run_id,
+               "workers": workers}
     timings: dict = {}
     counter = {"merged": 0, "t0": time.perf_counter()}
     wall = f"{len(methods)} methods on {workers} worker processes"
@@ -90,9 +89,10 @@ def _merge_scratch(exp: Experiment, title: str, scratch: Path, timings: dict) ->
 def _open_worker(payload: dict) -> None:
     c = ml_collections.ConfigDict(json.loads(payload["config"]))
     use_compilation_cache(c)  # the main process's cache: programs one method compiled serve the others
-    oracle = payload["oracle"] if Path(payload["oracle"]).is_dir() else None
-    exp = open_experiment(c, Path(payload["vanilla"]), oracle and Path(oracle), log=lambda *_: None)
-    exp.meta = payload["meta"]
+    meta = payload["meta"]  # the main process's, eval key included: the stage dirs come from it
+    oracle = Path(meta["oracle"]) if oracle_enabled(c) else None
+    exp = open_experiment(c, Path(meta["vanilla"]), oracle, log=lambda *_: None)
+    exp.meta = meta
     attach_references(exp)
     _WORKER.update(payload, exp=exp)
 

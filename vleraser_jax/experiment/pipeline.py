@@ -68,6 +68,11 @@ class Experiment:
                                               max_length=self.ecfg.likelihood_max_length, seed=self.ecfg.seed)
         return result.results, result.items, membership
 
+    def add_reference(self, name: str, results, items, membership) -> None:
+        self.references[name] = (results, items)
+        if membership:
+            self.reference_membership[name] = membership
+
     def summary(self, results, items, membership) -> dict:
         return unlearning_summary(results, items, self.references, membership=membership,
                                   oracle_membership=self.reference_membership.get("Oracle"),
@@ -139,10 +144,7 @@ def attach_references(exp: Experiment) -> None:
         items = load_items(exp.report_dir, name)
         if items is None:
             raise ReportError(f"{exp.report_dir}: {name} has results but no {items_file(name)}")
-        exp.references[name] = (stored[name], items)
-        membership = unlearning.get(name, {}).get("membership")
-        if membership:
-            exp.reference_membership[name] = membership
+        exp.add_reference(name, stored[name], items, unlearning.get(name, {}).get("membership"))
 
 
 def _score_once(exp: Experiment, name: str, load, log) -> None:
@@ -173,9 +175,7 @@ def _reference_scores(exp: Experiment, loaders: dict, log) -> None:
         else:
             log(f"{name}: evaluation reused from {exp.report_dir}")
             results, membership = stored[name], unlearning.get(name, {}).get("membership")
-        exp.references[name] = (results, items)
-        if membership:
-            exp.reference_membership[name] = membership
+        exp.add_reference(name, results, items, membership)
     summaries = {}
     for name, (results, items) in exp.references.items():
         summaries[name] = exp.summary(results, items, exp.reference_membership.get(name))
