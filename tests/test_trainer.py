@@ -149,3 +149,57 @@ def test_lr_multipliers_scale_each_modules_update():
     np.testing.assert_allclose(scaled["vision"]["w"], 0.1 * base["vision"]["w"], rtol=1e-6)  # first match wins
     np.testing.assert_allclose(scaled["llm"]["w"], 3.0 * base["llm"]["w"], rtol=1e-6)
     assert np.abs(base["llm"]["w"]).min() > 0
+
+
+def _optax_schedule(cfg):
+    """The schedule as optax's own functions build it (what make_optimizer baked in before its numbers moved to
+    the optimizer state)."""
+    import optax
+
+    updates = max(cfg.total_steps // cfg.grad_accum_steps, 1)
+    warmup = min(cfg.warmup_steps // cfg.grad_accum_steps, updates)
+    decay_steps = max(updates - warmup, 1)
+    decay = {"cosine": optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_factor),
+             "linear": optax.linear_schedule(cfg.learning_rate, cfg.learning_rate * cfg.end_lr_factor, decay_steps),
+             "constant": optax.constant_schedule(cfg.learning_rate)}[cfg.schedule]
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+
+
+@pytest.mark.parametrize("schedule", tr.SCHEDULES)
+@pytest.mark.parametrize("warmup,end,steps,accum", [(100, 0.0, 3000, 1), (0, 0.1, 50, 1), (10, 0.0, 7, 1),
+                                                    (20, 0.5, 10, 1), (8, 0.2, 40, 4)])
+def test_schedule_equals_optax_schedules(schedule, warmup, end, steps, accum):
+    cfg = tr.TrainConfig(total_steps=steps, learning_rate=5e-4, warmup_steps=warmup, end_lr_factor=end,
+                         schedule=schedule, grad_accum_steps=accum)
+    counts = jnp.arange(steps // accum + 5)
+    np.testing.assert_allclose(jax.vmap(tr.learning_rate_schedule(cfg))(counts),
+                               jax.vmap(_optax_schedule(cfg))(counts), rtol=1e-6, atol=1e-6 * cfg.learning_rate)
+    # (f32 rounding of cos near its end is ~1e-7 of the peak; relative error there is larger)
+
+
+def test_optimizer_steps_follow_the_schedule_and_share_one_program():
+    """The update is the schedule's lr times AdamW's direction at every step, and two configs that differ only in
+    learning rate, warmup, length and decay compile to the same program (their numbers are optimizer state)."""
+    loss_fn, trainable, frozen, batch_fn = regression_problem()
+    cfgs = [tr.TrainConfig(total_steps=6, learning_rate=0.3, warmup_steps=2, max_grad_norm=None, weight_decay=0.1),
+            tr.TrainConfig(total_steps=9, learning_rate=0.01, warmup_steps=0, max_grad_norm=None, weight_decay=0.5,
+                           end_lr_factor=0.3)]
+    texts = []
+    for cfg in cfgs:
+        tx = tr.make_optimizer(cfg)
+        step = tr.make_train_step(loss_fn, tx)
+        state = tr.init_state(trainable, tx, 0)
+        texts.append(step.lower(state, frozen, batch_fn(0)).as_text())
+    assert texts[0] == texts[1]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        tr.make_optimizer(dataclasses.replace(cfgs[0], schedule="exponential"))
+    # the lr the step applies: AdamW without decay on a vector is -lr · m̂/(√v̂ + eps)
+    cfg = tr.TrainConfig(total_steps=5, learning_rate=0.2, warmup_steps=2, max_grad_norm=None)
+    tx, lr = tr.make_optimizer(cfg), tr.learning_rate_schedule(cfg)
+    params, grads = {"b": jnp.ones((3,))}, {"b": jnp.array([1.0, -2.0, 0.5])}
+    state = tx.init(params)
+    for count in range(5):
+        updates, state = tx.update(grads, state, params)
+        np.testing.assert_allclose(np.abs(updates["b"]), float(lr(count)) * np.ones(3), rtol=1e-5)

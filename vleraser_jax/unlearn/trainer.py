@@ -134,22 +134,42 @@ def causal_lm_loss(logits, labels):
 # ------------------------------------------------------------------ optimizer
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def schedule_value(count, peak, warmup, decay_steps, end_factor, kind: str):
+    """The learning rate after `count` optimizer updates: a linear warmup from 0 to `peak` over `warmup` updates,
+    then `kind` ("cosine" | "linear" to `peak · end_factor` over `decay_steps`, or "constant"). Array arguments
+    are fine: the optimizer keeps them in its state (`make_optimizer`), so stages and settings that differ only
+    in them run one compiled program."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    count = jnp.asarray(count, jnp.float32)
+    after = jnp.clip(count - warmup, 0.0, decay_steps) / jnp.maximum(decay_steps, 1)
+    if kind == "cosine":
+        decayed = peak * ((1.0 - end_factor) * 0.5 * (1.0 + jnp.cos(jnp.pi * after)) + end_factor)
+    elif kind == "linear":
+        decayed = peak + (peak * end_factor - peak) * after
+    else:
+        decayed = peak * jnp.ones_like(after)
+    warming = peak * count / jnp.maximum(warmup, 1)
+    return jnp.where(count < warmup, warming, decayed)
+
+
+def schedule_arguments(cfg: TrainConfig) -> dict:
+    """`schedule_value`'s arguments for a training config (its step counts in optimizer updates)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     updates = max(cfg.total_steps // cfg.grad_accum_steps, 1)
     warmup = min(cfg.warmup_steps // cfg.grad_accum_steps, updates)
-    end = cfg.learning_rate * cfg.end_lr_factor
-    decay_steps = max(updates - warmup, 1)
-    if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_factor)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
-    elif cfg.schedule == "constant":
-        decay = optax.constant_schedule(cfg.learning_rate)
-    else:
-        raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {cfg.schedule!r}")
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+    return {"peak": float(cfg.learning_rate), "warmup": float(warmup), "decay_steps": float(max(updates - warmup, 1)),
+            "end_factor": float(cfg.end_lr_factor), "kind": cfg.schedule}
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """The learning rate the optimizer of `cfg` uses after `count` updates (what the trainer logs)."""
+    arguments = schedule_arguments(cfg)
+    return lambda count: schedule_value(count, **arguments)
 
 
 def _decay_mask(tree):
@@ -175,13 +195,22 @@ def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTra
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _scheduled_adamw(peak, warmup, decay_steps, end_factor, weight_decay, b1, b2, eps, kind: str, mask):
+    schedule = lambda count: schedule_value(count, peak, warmup, decay_steps, end_factor, kind)
+    return optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=mask)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, AdamW on the schedule (decay on matrices only), per-module factors. The schedule's
+    and AdamW's numbers live in the optimizer state (`optax.inject_hyperparams`), not in the compiled step: the
+    base, oracle and vanilla stages, or a sweep's learning rates, share programs through the compilation cache."""
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(
-        optax.adamw(learning_rate_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
-    )
+    arguments = schedule_arguments(cfg)
+    parts.append(optax.inject_hyperparams(_scheduled_adamw, static_args=("kind", "mask"))(
+        weight_decay=float(cfg.weight_decay), b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+        mask=_decay_mask, **arguments))
     if cfg.lr_multipliers:
         parts.append(scale_by_path(cfg.lr_multipliers))
     tx = optax.chain(*parts)
