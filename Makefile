@@ -30,7 +30,7 @@ install-test: $(TESTING)
 demo: $(RUNTIME)
 	$(VENV)/bin/vleraser demo
 
-## The default test suite (about 8.5 minutes on 2 CPU cores).
+## The default test suite (8-11 minutes on 2 CPU cores).
 test: $(TESTING)
 	$(PY) -m pytest -q -m "not slow"
 

@@ -8,15 +8,17 @@ from typing import Sequence
 
 from ..train.workspace import STAGES, oracle_enabled, stage_dir
 
-# Seconds per training step of the tiny configs (batch 16, 2 idle CPU cores), and per evaluated model / method
-# run / method's diagnostics: the fresh-clone demo of 2026-12-03 (1474 s: base 396, oracle 350, vanilla 144 s;
-# methods 11-44 s, evaluations 11-16 s, diagnostics 15-31 s). Only the up-front estimate uses them.
-SECONDS_PER_STEP = {"base": 0.13, "oracle": 0.12, "vanilla": 0.12}
-SECONDS_PER_EVALUATION = 14.0
-SECONDS_PER_METHOD = 23.0
-SECONDS_PER_DIAGNOSTICS = 19.0
+# Seconds per training step of the tiny configs (batch 16, 2 CPU cores), and per evaluated model / method run /
+# method's diagnostics, from the fresh-clone demo of 2026-12-04 (1737 s: base 447, oracle 403, vanilla 163 s; the
+# references' evaluations 83 s; the ten methods 638 s on 2 workers) on a machine whose XLA dense-matmul peak was
+# 183 GFLOP/s. On the 2026-12-03 machine (peak 401) the previous, slower code took 1345 s, so there the estimate
+# errs long. Only the up-front estimate uses them.
+SECONDS_PER_STEP = {"base": 0.149, "oracle": 0.134, "vanilla": 0.136}
+SECONDS_PER_EVALUATION = 24.0
+SECONDS_PER_METHOD = 30.0
+SECONDS_PER_DIAGNOSTICS = 26.0
 # How much sooner the methods finish on 2 worker processes than in one: the demo's ten methods took 537 s in one
-# process (the fresh clone above) and 432 s on 2 workers (fresh clone of 2026-12-03, second), on 2 cores.
+# process and 432 s on 2 workers (fresh clones of 2026-12-03, on 2 cores).
 CONCURRENT_SPEEDUP = 1.24
 
 
