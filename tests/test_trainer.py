@@ -203,3 +203,19 @@ def test_optimizer_steps_follow_the_schedule_and_share_one_program():
     for count in range(5):
         updates, state = tx.update(grads, state, params)
         np.testing.assert_allclose(np.abs(updates["b"]), float(lr(count)) * np.ones(3), rtol=1e-5)
+
+
+def test_a_checkpoint_of_another_state_structure_is_refused_by_name(tmp_path):
+    """A stage checkpoint written by an older trainer (a plain AdamW state, before the schedule moved into the
+    optimizer state) must not resume silently or fail obscurely: the error names the directory and the step."""
+    import optax
+
+    loss_fn, trainable, frozen, batch_fn = regression_problem()
+    cfg = tr.TrainConfig(total_steps=4, learning_rate=0.1, checkpoint_dir=str(tmp_path / "ckpt"), save_every=2,
+                         progress=False)
+    old = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1))
+    manager = tr._checkpoint_manager(cfg)
+    tr._save(manager, tr._fresh_state(trainable, old, 0).replace(step=jnp.asarray(2, jnp.int32)))
+    manager.close()
+    with pytest.raises(ValueError, match=r"ckpt: the checkpoint of step 2 does not match"):
+        tr.train(loss_fn, trainable, frozen, batch_fn, cfg)

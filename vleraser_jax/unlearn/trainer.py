@@ -291,7 +291,12 @@ def _restore(manager, template: TrainState) -> TrainState | None:
     if step is None:
         return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError as err:  # orbax: the saved tree's structure differs from this run's state
+        raise ValueError(f"{manager.directory}: the checkpoint of step {step} does not match this run's training "
+                         f"state (written by another version of the trainer or another setup); move it away or "
+                         f"retrain from scratch (`--force` for a stage). orbax said: {err}") from err
 
 
 def _save(manager, state: TrainState) -> None:
