@@ -134,9 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", help="write the result here")
-    p.add_argument("overrides", nargs="*", help="--config.x=y overrides")
-    args = p.parse_args(argv)
-    c = load_config(args.config, args.overrides)
+    args, overrides = p.parse_known_args(argv)  # the rest: --config.x=y overrides
+    c = load_config(args.config, overrides)
     result = run(c, args.rounds, args.reps)
     print(format_table(result))
     if args.json:
