@@ -34,7 +34,7 @@ def batched_linear(x, kernel):
 
 
 def _steps(c):
-    """name -> (step factory, state factory, frozen, batch) for every measured step of config `c`."""
+    """({name: (loss_fn, trainable, frozen, batch)} of every measured step of config `c`, the optimizer)."""
     from transformers import AutoTokenizer
 
     from vleraser_jax.checkpoints import architecture_for

@@ -137,13 +137,17 @@ def causal_lm_loss(logits, labels):
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def _check_schedule(kind: str) -> None:
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+
+
 def schedule_value(count, peak, warmup, decay_steps, end_factor, kind: str):
     """The learning rate after `count` optimizer updates: a linear warmup from 0 to `peak` over `warmup` updates,
     then `kind` ("cosine" | "linear" to `peak · end_factor` over `decay_steps`, or "constant"). Array arguments
     are fine: the optimizer keeps them in its state (`make_optimizer`), so stages and settings that differ only
     in them run one compiled program."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    _check_schedule(kind)
     count = jnp.asarray(count, jnp.float32)
     after = jnp.clip(count - warmup, 0.0, decay_steps) / jnp.maximum(decay_steps, 1)
     if kind == "cosine":
@@ -157,9 +161,9 @@ def schedule_value(count, peak, warmup, decay_steps, end_factor, kind: str):
 
 
 def schedule_arguments(cfg: TrainConfig) -> dict:
-    """`schedule_value`'s arguments for a training config (its step counts in optimizer updates)."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    """`schedule_value`'s arguments for a training config (its step counts in optimizer updates); an unknown
+    schedule fails here, when the optimizer is built, not when the step is first traced."""
+    _check_schedule(cfg.schedule)
     updates = max(cfg.total_steps // cfg.grad_accum_steps, 1)
     warmup = min(cfg.warmup_steps // cfg.grad_accum_steps, updates)
     return {"peak": float(cfg.learning_rate), "warmup": float(warmup), "decay_steps": float(max(updates - warmup, 1)),
