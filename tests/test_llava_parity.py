@@ -108,6 +108,20 @@ def test_logits_left_padding_mixed_text_and_image_rows(pair):
     assert max_rel(np.asarray(out.logits)[valid], ref[valid]) < 1e-4
 
 
+@pytest.mark.parametrize("keep", [1, 5])
+def test_logits_to_keep_matches_transformers(pair, keep):
+    """`logits_to_keep` N: the last N positions' logits, as transformers' own argument of that name gives them."""
+    torch_model, model, params, config = pair
+    ids, mask, pixels = llava_inputs(np.random.default_rng(8), text_lens=(5, 5), image_tokens=config.num_image_tokens)
+    out = model.apply({"params": params}, input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                      logits_to_keep=keep)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pixels), logits_to_keep=keep).logits.numpy()
+    assert out.logits.shape == ref.shape == (2, keep, config.text.vocab_size)
+    assert max_rel(out.logits, ref) < 1e-4
+
+
 def test_text_only(pair):
     torch_model, model, params, _ = pair
     ids = np.random.default_rng(4).integers(3, 98, (2, 11))

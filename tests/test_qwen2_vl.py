@@ -141,6 +141,16 @@ def test_logits_one_image(default):
     assert max_rel(out.logits, ref) < 1e-4
 
 
+def test_logits_to_keep_matches_transformers(default):
+    torch_model, model, params, _, _ = default
+    ids, mask, pixels, grid = qwen_batch(np.random.default_rng(4), [[4, "i0", 5]], GRIDS[:1])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
+    out = model.apply({"params": params}, **inputs, logits_to_keep=3)
+    ref = torch_logits(torch_model, ids, mask, pixels, grid, logits_to_keep=3)
+    assert out.logits.shape == ref.shape and ref.shape[1] == 3
+    assert max_rel(out.logits, ref) < 1e-4
+
+
 def test_logits_two_images_of_different_sizes_in_one_sample(default):
     torch_model, model, params, _, _ = default
     ids, mask, pixels, grid = qwen_batch(np.random.default_rng(5), [[3, "i0", 2, "i1", 4]], GRIDS)

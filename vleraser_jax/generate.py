@@ -96,6 +96,7 @@ def _generate_impl(
         cache=cache,
         cache_index=0,
         lora_mode=lora_mode,
+        logits_to_keep=1,  # only the last position picks the first token
         **grid,
     )
     rope_deltas = getattr(out, "rope_deltas", None)

@@ -95,7 +95,7 @@ def _option_statistics(model, params, prompt, option_ids, option_mask):
     mask = jnp.concatenate([prompt["attention_mask"], jnp.zeros((b, o), jnp.int32)], axis=1)
     images = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
     out = model.apply({"params": params}, input_ids=prompt["input_ids"], attention_mask=mask, cache=cache,
-                      cache_index=0, **images)
+                      cache_index=0, logits_to_keep=1, **images)  # the prompt's last position scores token 0
     step = {} if getattr(out, "rope_deltas", None) is None else {"rope_deltas": out.rope_deltas}
     per_option = []
     for k in range(option_ids.shape[1]):  # K is static (options per item): one chunk pass per option

@@ -130,7 +130,8 @@ def prepare_experiment(c, log=print, timings: Timings | None = None) -> Experime
                                 if oracle_dir else None}, log)
     if c.eval.get("base_row", False):  # what never having learned any fictitious person looks like
         with timings.part("evaluate Base"):
-            _score_once(exp, "Base", lambda: load_vanilla(c, run_stage(c, "base", log=log))[1], log)
+            base_dir = run_stage(c, "base", log=log)
+            _score_once(exp, "Base", base_dir, lambda: load_vanilla(c, base_dir)[1], log)
     return exp
 
 
@@ -147,16 +148,20 @@ def attach_references(exp: Experiment) -> None:
         exp.add_reference(name, stored[name], items, unlearning.get(name, {}).get("membership"))
 
 
-def _score_once(exp: Experiment, name: str, load, log) -> None:
-    """Evaluate a model that is not a reference (the base) unless the report already holds it for this key."""
-    fresh = _stored_meta(exp.report_dir).get("eval_key") == exp.meta["eval_key"]
-    if fresh and name in load_results(exp.report_dir) and load_items(exp.report_dir, name) is not None:
+def _score_once(exp: Experiment, name: str, model_dir, load, log) -> None:
+    """Evaluate a model that is not a reference (the base) unless the report holds its evaluation under the same
+    key (evaluation settings and this model's directory), kept in its own summary: the report-level key follows
+    the references, which are rewritten before it."""
+    key = _eval_key(exp.ecfg, model_dir)
+    stored = load_unlearning(exp.report_dir).get(name, {})
+    if stored.get("eval_key") == key and name in load_results(exp.report_dir) \
+            and load_items(exp.report_dir, name) is not None:
         log(f"{name}: evaluation reused from {exp.report_dir}")
         return
     log(f"evaluating the {name.lower()} model")
     results, items, membership = exp.score(load())
     write_report(exp.report_dir, name, results, exp.meta, items=items,
-                 unlearning={name: exp.summary(results, items, membership)})
+                 unlearning={name: {**exp.summary(results, items, membership), "eval_key": key}})
 
 
 def _reference_scores(exp: Experiment, loaders: dict, log) -> None:

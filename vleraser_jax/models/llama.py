@@ -131,13 +131,15 @@ class CausalLM(nn.Module):
         cache=None,
         cache_index=None,
         lora_mode: str = "added",
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """input_ids [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T], or [B, S] covering the whole cache.
 
         Without `position_ids`, positions follow the attention mask (left padding is skipped), else 0..T-1.
         `position_embeddings=(cos, sin)` overrides the rotary tables (used by M-RoPE).
         With `cache`, the new keys/values are written at `cache_index` and the returned output carries the
-        updated cache.
+        updated cache. `logits_to_keep` (as in transformers): 0 computes logits at every position, N > 0 at the
+        last N only (a prefill needs one; the vocabulary product is a fifth of a tiny model's forward).
         """
         cfg = self.config
         if inputs_embeds is None:
@@ -173,5 +175,6 @@ class CausalLM(nn.Module):
             if cache is not None:
                 new_cache[f"layers_{i}"] = updated
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
+        kept = x[:, -logits_to_keep:] if logits_to_keep else x
+        logits = self.embed_tokens.attend(kept) if cfg.tie_word_embeddings else self.lm_head(kept)
         return CausalLMOutput(logits=logits, cache=new_cache, last_hidden_state=x)

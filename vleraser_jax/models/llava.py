@@ -89,8 +89,10 @@ class LlavaForConditionalGeneration(nn.Module):
         cache=None,
         cache_index=None,
         lora_mode: str = "added",
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """Same inputs as the transformers processor output; returns `.logits` [B, T, V] (and `.cache`).
+        """Same inputs as the transformers processor output; returns `.logits` [B, T, V] (and `.cache`);
+        `logits_to_keep` N > 0: logits of the last N positions only, [B, N, V].
 
         Text-only batches pass no pixel_values. During cached decoding pass pixel_values only at prefill.
         """
@@ -111,6 +113,7 @@ class LlavaForConditionalGeneration(nn.Module):
             cache=cache,
             cache_index=cache_index,
             lora_mode=lora_mode,
+            logits_to_keep=logits_to_keep,
         )
 
     def dummy_inputs(self) -> dict:

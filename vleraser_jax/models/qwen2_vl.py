@@ -115,13 +115,15 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         cache=None,
         cache_index=None,
         lora_mode: str = "added",
+        logits_to_keep: int = 0,
     ) -> Qwen2VLOutput:
         """Same inputs as the Qwen2-VL processor output; returns `.logits` [B, T, V], `.rope_deltas` [B], `.cache`.
 
         position_ids: [3, B, T] (or [B, T], used for all three coordinates); by default computed from
         input_ids / attention_mask / image_grid_thw. With `cache`, attention_mask covers the whole cache.
         Decode steps pass the prefill's `rope_deltas` (and no pixel_values): their positions are then the
-        mask-derived text positions shifted by it, as in transformers.
+        mask-derived text positions shifted by it, as in transformers. `logits_to_keep` N > 0: logits of the
+        last N positions only, [B, N, V].
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -172,6 +174,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             cache=cache,
             cache_index=cache_index if cache is not None else None,
             lora_mode=lora_mode,
+            logits_to_keep=logits_to_keep,
         )
         return Qwen2VLOutput(
             logits=out.logits, cache=out.cache, last_hidden_state=out.last_hidden_state, rope_deltas=rope_deltas
