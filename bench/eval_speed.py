@@ -17,12 +17,9 @@ the stages are read from `<work_dir>/models` when `make demo` trained them there
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -135,20 +132,11 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from bench.cli import bench_main
     from vleraser_jax.cli import pipeline_config
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/tiny_llava.py")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reps", type=int, default=8)
-    p.add_argument("--json", help="write the result here")
-    args, overrides = p.parse_known_args(argv)  # the rest: --config.x=y overrides
-    c = pipeline_config(args.config, ["--config.eval.max_people=30", *overrides])
-    result = run(c, args.rounds, args.reps)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return bench_main(argv, __doc__.splitlines()[0], run, format_table, rounds=3, reps=8, load=pipeline_config,
+                      overrides=["--config.eval.max_people=30"])
 
 
 if __name__ == "__main__":

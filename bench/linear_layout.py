@@ -16,8 +16,6 @@ of them; the table gives medians over rounds and the median of the per-round rat
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -127,20 +125,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from vleraser_jax.config import load_config
+    from bench.cli import bench_main
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/tiny_llava.py")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--json", help="write the result here")
-    args, overrides = p.parse_known_args(argv)  # the rest: --config.x=y overrides
-    c = load_config(args.config, overrides)
-    result = run(c, args.rounds, args.reps)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return bench_main(argv, __doc__.splitlines()[0], run, format_table, rounds=5, reps=10)
 
 
 if __name__ == "__main__":
