@@ -22,7 +22,7 @@ def test_plan_trains_missing_stages_and_reuses_cached_ones(tmp_path):
     c = load_config(CONFIG, [f"--config.work_dir={tmp_path}"])
     methods = ["vl_eraser", "npo"]
     fresh = overview.describe_run(c, methods, None)
-    assert "base     train, 3000 steps" in fresh and "oracle   train, 3000 steps" in fresh
+    assert f"base     train, {c.base.steps} steps" in fresh and f"oracle   train, {c.oracle.steps} steps" in fresh
     steps = {"base": c.base.steps, "oracle": c.oracle.steps, "vanilla": c.vanilla.steps}
     training = sum(overview.SECONDS_PER_STEP[s] * n for s, n in steps.items())
     evaluations = (2 + bool(c.eval.get("base_row", False)) + len(methods)) * overview.SECONDS_PER_EVALUATION
