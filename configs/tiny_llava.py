@@ -52,7 +52,7 @@ def get_config():
     # Stage 1: base model from random init (celebrity facts in every task format + portrait captions).
     c.base = ml_collections.ConfigDict()
     # 2250, not 3000 (results/recipe-trials): at 2250 the reference rows stay as close to two 3000-step trainings as
-    # those are to each other (mean 3.7-6.1 vs 2.9-5.9 points a cell); at 1500 the celebrities' visual cloze
+    # those are to each other (mean 3.1-6.1 vs 2.9-5.9 points a cell); at 1500 the celebrities' visual cloze
     # falls 16-37 points once the oracle stage fine-tunes the base
     c.base.steps = 2250
     c.base.batch_size = 16  # more updates per epoch: measured to memorise facts faster than 32
