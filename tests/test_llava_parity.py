@@ -120,6 +120,8 @@ def test_logits_to_keep_matches_transformers(pair, keep):
                           pixel_values=torch.tensor(pixels), logits_to_keep=keep).logits.numpy()
     assert out.logits.shape == ref.shape == (2, keep, config.text.vocab_size)
     assert max_rel(out.logits, ref) < 1e-4
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model.apply({"params": params}, input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=-1)
 
 
 def test_text_only(pair):

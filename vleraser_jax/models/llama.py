@@ -142,6 +142,8 @@ class CausalLM(nn.Module):
         last N only (a prefill needs one; the vocabulary product is a fifth of a tiny model's forward).
         """
         cfg = self.config
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         x = inputs_embeds.astype(self.dtype)
