@@ -163,3 +163,31 @@ def write_bytes_atomic(path, data: bytes) -> Path:
 
 def write_text_atomic(path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
+
+
+def append_record(path, key: str, record) -> None:
+    """Append one `{"id": key, "row": record}` JSON line to a journal of finished work (flushed and fsynced, so a
+    killed run keeps every line it wrote whole; `read_records` ignores a line cut off mid-write)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": key, "row": record}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path) -> dict:
+    """{id: row} of a journal `append_record` wrote ({} when there is none); a cut-off last line is ignored."""
+    import json
+
+    path, out = Path(path), {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[record["id"]] = record["row"]
+    return out

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..data import mllmu
 from ..data.splits import validation_benchmark
 from ..eval.evaluate import evaluate
-from ..io import write_bytes_atomic
+from ..io import append_record, read_records, write_bytes_atomic
 from ..processing import load_processor
 from ..train.stages import run_stage
 from ..train.workspace import data_root, oracle_enabled, prepare_data
@@ -268,22 +268,11 @@ def trials_path(c, method: str) -> Path:
 
 def finished_rows(c, method: str) -> dict[str, dict]:
     """{trial id: row} of the trials a previous (possibly killed) run finished; a cut-off last line is ignored."""
-    path, out = trials_path(c, method), {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[record["id"]] = record["row"]
-    return out
+    return read_records(trials_path(c, method))
 
 
 def record_row(c, method: str, row_id: str, row: dict) -> None:
-    path = trials_path(c, method)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"id": row_id, "row": row}) + "\n")
+    append_record(trials_path(c, method), row_id, row)
 
 
 def format_setting(setting: dict) -> str:
