@@ -183,16 +183,32 @@ def reload_diagnostic(model, unlearned, vanilla, processor, bench: Benchmark, ec
     """Forget-set scores of the unlearned model alone and with each vanilla module reloaded.
 
     baseline: the unlearned model's results from an evaluation with the same `ecfg` (its forget set is
-    reused instead of evaluating again). Returns {"family", "unlearned", "projector", "vision": results,
-    "recovery": {module: swapped − unlearned}}.
+    reused instead of evaluating again). A module the method left exactly as Vanilla's is not scored again: the
+    swapped model is the unlearned one, so its results are the unlearned results and its recovery is 0 (listed in
+    "unchanged"). Returns {"family", "unlearned", "projector", "vision": results, "recovery": {module: swapped −
+    unlearned}, "unchanged": [module, ...]}.
     """
     family = family or model_family(unlearned)
     sets = ("forget",)
-    out: dict[str, Any] = {"family": family, "unlearned": _baseline(model, unlearned, processor, bench, ecfg, sets, baseline)}
+    out: dict[str, Any] = {"family": family, "unlearned": _baseline(model, unlearned, processor, bench, ecfg, sets, baseline),
+                           "unchanged": []}
     for which in MODULES:
-        out[which] = _evaluate(model, swap_modules(unlearned, vanilla, which, family), processor, bench, ecfg, sets)
+        if module_unchanged(unlearned, vanilla, which, family):  # the swap gives back the unlearned model itself
+            out[which] = out["unlearned"]
+            out["unchanged"].append(which)
+        else:
+            out[which] = _evaluate(model, swap_modules(unlearned, vanilla, which, family), processor, bench, ecfg, sets)
     out["recovery"] = {which: difference(out[which], out["unlearned"]) for which in MODULES}
     return out
+
+
+def module_unchanged(unlearned, vanilla, which: str, family: str | None = None) -> bool:
+    """Whether the unlearned model's `which` module holds exactly the vanilla model's values (a method that never
+    touched it, e.g. VL-Eraser's FFN-only edit or a LoRA that adapts no projector): reloading it changes nothing."""
+    family = family or model_family(unlearned)
+    flat_u, flat_v = traverse_util.flatten_dict(unlearned), traverse_util.flatten_dict(vanilla)
+    return all(k in flat_v and (flat_u[k] is flat_v[k] or bool(jnp.array_equal(flat_u[k], flat_v[k])))
+               for k in flat_u if module_of(k, family) == which)
 
 
 # ------------------------------------------------------------------ quantization

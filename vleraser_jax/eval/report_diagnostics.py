@@ -149,13 +149,19 @@ def _relearn_intro(entries: list[tuple[str, Mapping]]) -> str:
             "not removed.")
 
 
+def _reload_intro(entries: list[tuple[str, Mapping]]) -> str:
+    unchanged = [f"{method} ({', '.join(e['unchanged'])})" for method, e in entries if e.get("unchanged")]
+    return ("The unlearned model with the vanilla model's multimodal projector, or its vision tower, put back. "
+            "Recovery = swapped − unlearned (percentage points for accuracies): a large recovery means the method "
+            "broke vision↔language alignment instead of removing the knowledge. Textual-QA shows no image, so its "
+            "recovery is zero by construction (a check)."
+            + (" Modules a method left bit-identical to Vanilla's give back the unlearned model itself, so they are "
+               f"not scored again and recover exactly 0: {'; '.join(unchanged)}." if unchanged else ""))
+
+
 # kind -> (section title, introduction (a string, or a function of the entries), table function)
 DIAGNOSTIC_SECTIONS = {
-    "reload": ("Diagnostic: vanilla modules reloaded (forget set)",
-               "The unlearned model with the vanilla model's multimodal projector, or its vision tower, put back. "
-               "Recovery = swapped − unlearned (percentage points for accuracies): a large recovery means the "
-               "method broke vision↔language alignment instead of removing the knowledge. Textual-QA shows no "
-               "image, so its recovery is zero by construction (a check).", reload_table),
+    "reload": ("Diagnostic: vanilla modules reloaded (forget set)", _reload_intro, reload_table),
     "quantize": ("Attack: weight quantization",
                  "Weight-only symmetric per-output-channel round-to-nearest (Dense kernels and embeddings; norms and "
                  "biases in full precision). Δ = quantized − unlearned; on the forget set a rise means rounding "
