@@ -13,6 +13,8 @@ import pytest
 from vleraser_jax.config import load_config
 from vleraser_jax.experiment.runner import run_experiment
 from vleraser_jax.experiment.runner import load_selections
+import vleraser_jax.experiment.dose_study as dose_module
+from vleraser_jax.experiment.dose_study import run_dose_study, write_dose_study
 from vleraser_jax.experiment.sweep import run_sweep
 from vleraser_jax.train.stages import run_stage
 from vleraser_jax.train.workspace import stage_dir
@@ -73,6 +75,23 @@ def test_micro_pipeline_end_to_end(tmp_path, monkeypatch):
     # the same protocol for a baseline: learning rate 0 leaves the model as it was
     out = run_sweep(c, {"learning_rate": [0.0]}, method="ga", budget=1, log=lambda *_: None)
     assert out["rows"][0]["distance"] == pytest.approx(out["references"]["oracle"]["vanilla_distance"])
+
+    # matched doses on the reported people: at learning rate 0 GA and NPO are Vanilla, so they pair with no
+    # difference at all; a rerun reads the journal instead of training again
+    study = run_dose_study(c, ["ga", "npo"], 0.0, [2, 1], max_people=2, log=lambda *_: None)
+    assert [(r["method"], r["steps"]) for r in study["rows"]] == [("ga", 1), ("ga", 2), ("npo", 1), ("npo", 2)]
+    for row in study["rows"]:
+        assert row["results"] == study["references"]["Vanilla"]["results"]
+    assert [(c_["first"], c_["second"], c_["steps"]) for c_ in study["comparisons"]] == [("ga", "npo", 1),
+                                                                                       ("ga", "npo", 2)]
+    for comparison in study["comparisons"]:
+        assert comparison["differences"] and all(d["value"] == 0.0 and d["p_value"] == 1.0
+                                                 for d in comparison["differences"].values())
+    monkeypatch.setattr(dose_module, "run_method", no_training)
+    assert run_dose_study(c, ["ga", "npo"], 0.0, [1, 2], max_people=2, log=lambda *_: None)["rows"] == study["rows"]
+    monkeypatch.undo()
+    path = write_dose_study(c, study)
+    assert path.exists() and (path.parent / "dose_study.png").exists() and "NPO − GA" in path.read_text()
 
 
 def _without_timings(obj):

@@ -238,6 +238,16 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_dose_study(args) -> int:
+    from .experiment.dose_study import describe_dose_study, run_dose_study, write_dose_study
+
+    c = pipeline_config(args.config, args.overrides)
+    print(describe_dose_study(args.method, args.learning_rate, args.steps))
+    study = run_dose_study(c, args.method, args.learning_rate, args.steps, max_people=args.max_people)
+    print(f"dose study: {write_dose_study(c, study)}")
+    return 0
+
+
 def cmd_vacuum_study(args) -> int:
     from .experiment.pipeline import report_dir_for
     from .experiment.vacuum_study import format_study, vacuum_energy_study
@@ -439,6 +449,15 @@ def _pipeline_commands(sub) -> None:
                    help="run nothing: rewrite each method's stored selection (this work dir's, else results/) with "
                         "the setting its reported run applies (a baseline at its validation optimizer steps)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("dose-study", help="methods at the same learning rate and optimizer steps on the reported "
+                                          "forget people, compared pair by pair on the same people (no selection)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--method", nargs="+", required=True, choices=all_methods())
+    p.add_argument("--learning-rate", type=float, required=True)
+    p.add_argument("--steps", type=int, nargs="+", required=True, help="optimizer steps, e.g. 38 76 114 171")
+    p.add_argument("--max-people", type=int, default=30, help="people scored per set (the demo's 30)")
+    p.set_defaults(func=cmd_dose_study)
 
     p = sub.add_parser("vacuum-study", help="how much forget answer-key energy lies outside the retain keys' span, "
                                             "against held-out retain people, per vacuum source and threshold")
