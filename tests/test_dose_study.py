@@ -72,6 +72,8 @@ def test_the_report_counts_the_doses_where_a_pair_differs(tmp_path):
                          "differences": {"forget/cloze/visual": diff(0.2), "forget/cloze/textual": diff(0.3)}}],
     }
     assert report_dose.significant_counts(study) == {("npo", "ga"): (1, 2)}
+    assert report_dose.reference_levels(study, "forget", "cloze", "visual") == {"Vanilla": 0.9, "Oracle": 0.1}
+    assert report_dose.reference_levels(study, "test", "cloze", "visual") == {}
     path = report_dose.write_dose_report(tmp_path, study, {"ga": "GA", "npo": "NPO"})
     text = path.read_text()
     assert "NPO − GA: 1 of 2 doses" in text and "**p=0.010**" in text

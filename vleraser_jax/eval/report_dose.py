@@ -89,6 +89,12 @@ def significant_counts(study: Mapping[str, Any], cell: str = "forget/cloze", alp
     return {k: (sum(v), len(v)) for k, v in out.items()}
 
 
+def reference_levels(study: Mapping[str, Any], set_name: str, metric: str, mode: str) -> dict[str, float]:
+    """{reference name: its score} for one cell (the plot's horizontal lines)."""
+    cells = {name: _cell(ref["results"], set_name, metric, mode) for name, ref in study["references"].items()}
+    return {name: cell["value"] for name, cell in cells.items() if cell is not None}
+
+
 def plot_dose_study(study: Mapping[str, Any], titles: Mapping[str, str], path: Path,
                     panels: Sequence[tuple[str, str]] = (("forget", "cloze"), ("retain", "cloze"))) -> None:
     """Score vs optimizer steps, one line per method with its person-level 95% band; Vanilla and the Oracle as
@@ -107,10 +113,8 @@ def plot_dose_study(study: Mapping[str, Any], titles: Mapping[str, str], path: P
                 line, = ax.plot(steps, [100 * e["value"] for e in cells], marker="o", label=titles.get(method, method))
                 ax.fill_between(steps, [100 * e["ci_low"] for e in cells], [100 * e["ci_high"] for e in cells],
                                 color=line.get_color(), alpha=0.15)
-            for name, style in (("Vanilla", "--"), ("Oracle", ":")):
-                ref = _cell(study["references"].get(name, {}), set_name, metric, mode)
-                if ref is not None:
-                    ax.axhline(100 * ref["value"], color="black", ls=style, lw=0.9, label=name)
+            for name, value in reference_levels(study, set_name, metric, mode).items():
+                ax.axhline(100 * value, color="black", ls="--" if name == "Vanilla" else ":", lw=0.9, label=name)
             ax.set_title(f"{set_name} {metric.replace('option_acc', 'option-LL')}, {mode}", fontsize=10)
             ax.set_xlabel("optimizer steps (same learning rate for every method)")
             ax.set_ylabel("% correct")
