@@ -63,8 +63,9 @@ def run_dose_study(c, methods, learning_rate: float, steps, *, max_people: int =
     """Every method at every step count (see the module docstring); runs a previous, killed study finished are
     reused (`<report>/dose_study/runs.jsonl`). Returns the study: references, rows (with per-item scores) and the
     paired comparisons of every pair of methods at each dose."""
-    if len(set(methods)) < 2:
-        raise ValueError(f"a dose study compares at least two methods, got {list(methods)}")
+    methods = list(dict.fromkeys(methods))  # each method once, in the order given
+    if len(methods) < 2:
+        raise ValueError(f"a dose study compares at least two methods, got {methods}")
     steps = sorted({int(s) for s in steps})
     if not steps or steps[0] < 1:
         raise ValueError(f"steps must be positive integers, got {steps}")
@@ -90,7 +91,7 @@ def run_dose_study(c, methods, learning_rate: float, steps, *, max_people: int =
     if oracle_dir is not None:
         references["Oracle"] = scored(_key(base_key, "Oracle"), "Oracle", lambda: load_vanilla(c, oracle_dir)[1], {})
     rows = []
-    for method in tqdm(list(methods), desc="dose study", unit="method", leave=False):
+    for method in tqdm(methods, desc="dose study", unit="method", leave=False):
         for n in steps:
             setting = dose_setting(method, learning_rate, n)
             cs = with_method_settings(c, method, setting)
@@ -102,8 +103,8 @@ def run_dose_study(c, methods, learning_rate: float, steps, *, max_people: int =
     by = {(r["method"], r["steps"]): r for r in rows}
     comparisons = [{"first": a, "second": b, "steps": n,
                     "differences": compare_rows(by[(a, n)], by[(b, n)], seed=c.seed)}
-                   for n in steps for a, b in combinations(list(methods), 2)]
-    return {"learning_rate": learning_rate, "steps": steps, "methods": list(methods),
+                   for n in steps for a, b in combinations(methods, 2)]
+    return {"learning_rate": learning_rate, "steps": steps, "methods": methods,
             "forget_people": len(exp.bench.forget), "references": references, "rows": rows,
             "comparisons": comparisons, "titles": {m: method_title(c, m) for m in methods}}
 
