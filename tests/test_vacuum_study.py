@@ -55,7 +55,9 @@ def test_width_study_refuses_a_pretrained_model_and_a_bad_width(tmp_path, capsys
     c = load_config(CONFIG, [f"--config.work_dir={tmp_path}"])
     assert width_study.config_at_width(c, 1024).model.intermediate_size == 1024
     plan = width_study.describe_width_study(c, [1024])  # said up front: nothing is cached in a fresh work dir
-    assert "d_ff 1024: base train (3000 steps), oracle train (3000 steps), vanilla train (1200 steps)" in plan
+    stages = (f"base train ({c.base.steps} steps), oracle train ({c.oracle.steps} steps), "
+              f"vanilla train ({c.vanilla.steps} steps)")
+    assert f"d_ff 1024: {stages}" in plan
     assert c.model.intermediate_size == 512  # the caller's config is left alone
     with pytest.raises(ValueError, match="positive whole FFN width"):  # a ConfigError: the CLI prints it, exit 2
         width_study.config_at_width(c, 0)
