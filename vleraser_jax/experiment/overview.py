@@ -20,6 +20,9 @@ SECONDS_PER_DIAGNOSTICS = 26.0
 # How much sooner the methods finish on 2 worker processes than in one: the demo's ten methods took 537 s in one
 # process and 432 s on 2 workers (fresh clones of 2026-12-03, on 2 cores).
 CONCURRENT_SPEEDUP = 1.24
+# The fastest 2-core machine measured: a fresh-clone demo of 2ce8c7f took 1121 s there (2026-12-07, base step
+# ~107 ms) where the table above estimates 1618 s. The estimate is said as a range between the two machines.
+FAST_MACHINE_FRACTION = 1121 / 1618
 
 
 def stage_plan(c) -> list[tuple[str, str, int | None]]:
@@ -56,7 +59,9 @@ def describe_run(c, methods: Sequence[str], diagnostics: dict | None, workers: i
     lines.append(f"  methods  {', '.join(methods)}{at_once}")
     lines.append(f"  evaluate {evaluations} models on forget_{c.data.forget_ratio} (at most "
                  f"{c.eval.max_people or 'all'} people per set), diagnostics: {', '.join(kinds) or 'none'}")
-    lines.append(f"  estimated {estimate / 60:.0f} min on 2 CPU cores (stages marked reuse cost nothing)")
+    fast = estimate * FAST_MACHINE_FRACTION
+    lines.append(f"  estimated {fast / 60:.0f}-{estimate / 60:.0f} min on 2 CPU cores (the fastest and slowest "
+                 f"2-core machines measured; stages marked reuse cost nothing)")
     return "\n".join(lines)
 
 
